@@ -1,0 +1,274 @@
+"""Kvasir-SEG-style data: the split rule, loading from a local folder or a Hub copy, checking every sample, and
+in-memory datasets with paired image/mask augmentation."""
+
+import io
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from image_processing_attention_unet import to_rgb_uint8
+
+SPLITS = ("train", "validation", "test")
+IMAGE_COLUMN_CANDIDATES = ("image", "pixel_values")
+LABEL_COLUMN_CANDIDATES = ("mask", "annotation", "label", "segmentation_mask")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# Kvasir-SEG masks are JPEGs: 0..8 is background noise and 247..255 foreground noise.
+MASK_THRESHOLD = 127
+SPLIT_SEED = 42
+
+
+def split_official_validation(names: list[str], seed: int = SPLIT_SEED) -> tuple[list[str], list[str]]:
+    """Halves the official 120-image validation split into (validation, test), as `splits/SOURCE.md` states:
+    sort, shuffle with `random.Random(seed)`, first half validation, second half test, each sorted."""
+    names = sorted(names)
+    random.Random(seed).shuffle(names)
+    half = len(names) // 2
+    return sorted(names[:half]), sorted(names[half:])
+
+
+@dataclass
+class RawSample:
+    """An undecoded sample: `image` and `mask` are file paths, encoded bytes, or PIL images."""
+
+    name: str
+    image: Any
+    mask: Any
+    origin: str  # what an error message names: a file path, or `dataset[split][row]`
+
+
+class DataError(ValueError):
+    """The data set cannot be used as it is; the message lists every sample or column at fault."""
+
+
+def _read_names(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _local_split_names(root: Path) -> dict[str, list[str]]:
+    splits_dir = root / "splits"
+    if all((splits_dir / f"{split}.txt").is_file() for split in SPLITS):
+        return {split: _read_names(splits_dir / f"{split}.txt") for split in SPLITS}
+    if (splits_dir / "official_train.txt").is_file() and (splits_dir / "official_val.txt").is_file():
+        validation, test = split_official_validation(_read_names(splits_dir / "official_val.txt"))
+        return {"train": _read_names(splits_dir / "official_train.txt"), "validation": validation, "test": test}
+    raise DataError(
+        f"{splits_dir} must hold either train.txt, validation.txt and test.txt, or official_train.txt and "
+        "official_val.txt (halved into validation and test by the seed-42 rule)."
+    )
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder: a local data set needs images/, masks/ and splits/.")
+    return {path.stem: path for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def load_local_splits(root: str | Path) -> tuple[dict[str, list[RawSample]], list[str]]:
+    """Reads a folder laid out as `images/`, `masks/`, `splits/`. Returns the samples of each split and the problems
+    found (an image without a mask or the reverse, a split naming a missing image)."""
+    root = Path(root)
+    images = _files_by_stem(root / "images")
+    masks = _files_by_stem(root / "masks")
+    if not images:
+        raise DataError(f"{root / 'images'} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    problems = [f"{images[name]}: no mask in {root / 'masks'}" for name in sorted(images.keys() - masks.keys())]
+    problems += [f"{masks[name]}: no image in {root / 'images'}" for name in sorted(masks.keys() - images.keys())]
+    splits = {}
+    for split, names in _local_split_names(root).items():
+        samples = []
+        for name in names:
+            if name not in images or name not in masks:
+                if name not in images and name not in masks:
+                    problems.append(f"{root / 'splits' / split}.txt names {name!r}, which has no image and no mask")
+                continue
+            samples.append(RawSample(name, images[name], masks[name], str(images[name])))
+        splits[split] = samples
+    return splits, problems
+
+
+def _find_column(columns: list[str], requested: str | None, candidates: tuple[str, ...], what: str, where: str) -> str:
+    if requested is not None:
+        if requested not in columns:
+            raise DataError(f"{where} has no column {requested!r} for the {what}; its columns are {columns}.")
+        return requested
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    raise DataError(
+        f"{where} has no {what} column: looked for {list(candidates)} among {columns}. "
+        f"Name it with --{'image' if what == 'image' else 'label'}_column_name."
+    )
+
+
+def load_hub_splits(
+    dataset_name: str, image_column_name: str | None = None, label_column_name: str | None = None, **load_kwargs
+) -> tuple[dict[str, list[RawSample]], list[str]]:
+    """Loads a Hub copy with `datasets.load_dataset`. Its `validation` split is halved into validation and test by the
+    seed-42 rule (by the `name` column where there is one), unless the copy already has a `test` split."""
+    import datasets
+
+    dataset = datasets.load_dataset(dataset_name, **load_kwargs)
+    if "train" not in dataset:
+        raise DataError(f"The dataset {dataset_name!r} has no 'train' split; its splits are {list(dataset)}.")
+    columns = dataset["train"].column_names
+    image_column = _find_column(columns, image_column_name, IMAGE_COLUMN_CANDIDATES, "image", dataset_name)
+    label_column = _find_column(columns, label_column_name, LABEL_COLUMN_CANDIDATES, "mask", dataset_name)
+
+    def samples(split: str, rows: list[int] | None = None) -> list[RawSample]:
+        table = dataset[split].cast_column(image_column, datasets.Image(decode=False))
+        table = table.cast_column(label_column, datasets.Image(decode=False))
+        names = table["name"] if "name" in table.column_names else [f"{split}-{i:05d}" for i in range(len(table))]
+        rows = range(len(table)) if rows is None else rows
+        return [
+            RawSample(names[i], table[i][image_column], table[i][label_column], f"{dataset_name}[{split}][{i}]")
+            for i in rows
+        ]
+
+    splits = {"train": samples("train")}
+    if "test" in dataset and "validation" in dataset:
+        splits["validation"], splits["test"] = samples("validation"), samples("test")
+    elif "validation" in dataset:
+        table = dataset["validation"]
+        names = table["name"] if "name" in table.column_names else [f"{i:05d}" for i in range(len(table))]
+        validation, test = split_official_validation(names)
+        row_of = {name: row for row, name in enumerate(names)}
+        splits["validation"] = samples("validation", [row_of[name] for name in validation])
+        splits["test"] = samples("validation", [row_of[name] for name in test])
+    else:
+        raise DataError(f"The dataset {dataset_name!r} has no 'validation' split; its splits are {list(dataset)}.")
+    return splits, []
+
+
+def load_splits(
+    dataset_name: str, image_column_name: str | None = None, label_column_name: str | None = None
+) -> tuple[dict[str, list[RawSample]], list[str]]:
+    """A local folder if `dataset_name` is one, else a Hub dataset id."""
+    if Path(dataset_name).is_dir():
+        return load_local_splits(dataset_name)
+    return load_hub_splits(dataset_name, image_column_name, label_column_name)
+
+
+def _open(reference: Any) -> PIL.Image.Image:
+    if isinstance(reference, PIL.Image.Image):
+        return reference
+    if isinstance(reference, dict):
+        if reference.get("bytes"):
+            return PIL.Image.open(io.BytesIO(reference["bytes"]))
+        return PIL.Image.open(reference["path"])
+    return PIL.Image.open(reference)
+
+
+def binarize_mask(mask: np.ndarray) -> np.ndarray:
+    """`(H, W)` or `(H, W, C)` mask in any common encoding -> `(H, W)` bool. 0/1 masks are taken as they are; anything
+    with larger values (0/255 PNGs, JPEG masks with compression noise, RGB masks) is thresholded at 127."""
+    if mask.ndim == 3:
+        mask = mask.max(axis=-1)
+    return mask > 0 if mask.max(initial=0) <= 1 else mask > MASK_THRESHOLD
+
+
+def decode_sample(sample: RawSample, resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decodes one sample to a `(3, S, S)` uint8 image and an `(S, S)` bool mask (S = `resolution`, or the original
+    size when `None`). Raises `DataError` naming the sample on any problem."""
+    try:
+        with _open(sample.image) as image_file, _open(sample.mask) as mask_file:
+            image = to_rgb_uint8(image_file)
+            mask = binarize_mask(to_rgb_uint8(mask_file))
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{sample.origin}: cannot be decoded ({error})") from error
+    if image.shape[:2] != mask.shape:
+        raise DataError(
+            f"{sample.origin}: image is {image.shape[1]}x{image.shape[0]} but its mask is {mask.shape[1]}x{mask.shape[0]}"
+        )
+    if resolution is not None:
+        size = (resolution, resolution)
+        image = np.asarray(PIL.Image.fromarray(image).resize(size, PIL.Image.Resampling.BILINEAR))
+        mask_image = PIL.Image.fromarray(mask.astype(np.uint8) * 255)
+        mask = np.asarray(mask_image.resize(size, PIL.Image.Resampling.BILINEAR)) > MASK_THRESHOLD
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(mask)
+
+
+def decode_samples(
+    samples: list[RawSample], resolution: int | None, num_workers: int = 2
+) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """Decodes every sample (in threads: PIL releases the GIL). Returns names, images and masks of the good ones and
+    one message per bad one."""
+    def attempt(sample: RawSample):
+        try:
+            return decode_sample(sample, resolution)
+        except DataError as error:
+            return str(error)
+
+    with ThreadPoolExecutor(max_workers=num_workers) as pool:
+        results = list(pool.map(attempt, samples))
+    names, images, masks, problems = [], [], [], []
+    for sample, result in zip(samples, results):
+        if isinstance(result, str):
+            problems.append(result)
+        else:
+            names.append(sample.name)
+            images.append(result[0])
+            masks.append(result[1])
+    return names, images, masks, problems
+
+
+def training_augmentation(crop_size: int | None = None) -> v2.Compose:
+    """The seed recipe's augmentation: flips, rotation within +/-30 degrees, brightness/contrast/saturation +/-20 %
+    (image only: v2 passes `tv_tensors.Mask` through colour transforms and resamples it with nearest-neighbour), and
+    an optional random crop."""
+    transforms = [
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomRotation(degrees=30),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+    ]
+    if crop_size is not None:
+        transforms.append(v2.RandomCrop(crop_size))
+    return v2.Compose(transforms)
+
+
+class PolypSegmentationDataset(torch.utils.data.Dataset):
+    """Decoded images and masks kept in memory as uint8, normalised (and augmented, if `augmentation` is given) on
+    access. Each item's augmentation is drawn from its own generator seeded by (seed, epoch, index), so a resumed run
+    sees exactly the augmentations the interrupted one would have."""
+
+    def __init__(
+        self,
+        names: list[str],
+        images: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        image_mean: tuple[float, ...],
+        image_std: tuple[float, ...],
+        augmentation: v2.Transform | None = None,
+        seed: int = 0,
+    ):
+        self.names = names
+        self.images = images
+        self.masks = masks
+        self.mean = torch.tensor(image_mean).view(-1, 1, 1)
+        self.std = torch.tensor(image_std).view(-1, 1, 1)
+        self.augmentation = augmentation
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, mask = tv_tensors.Image(self.images[index]), tv_tensors.Mask(self.masks[index][None].to(torch.uint8))
+        if self.augmentation is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+                image, mask = self.augmentation(image, mask)
+        pixel_values = (image.as_subclass(torch.Tensor).float() / 255.0 - self.mean) / self.std
+        return {"pixel_values": pixel_values, "labels": mask.as_subclass(torch.Tensor)[0].float()}

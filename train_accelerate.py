@@ -1,0 +1,546 @@
+#!/usr/bin/env python
+"""Trains the Attention U-Net on Kvasir-SEG (or any folder or Hub copy laid out like it) with Accelerate.
+
+    accelerate launch train_accelerate.py --output_dir runs/seed                      # the seed recipe, on a GPU
+    python train_accelerate.py --output_dir runs/cpu --per_device_train_batch_size 8  # same code on a CPU
+
+The defaults are the seed recipe: AdamW at 1e-3, cosine decay with 5 % linear warm-up, weight decay 1e-4, batch 64,
+50 epochs at 256x256, BCE + Dice (alpha 0.5), fp16, flips / rotation / colour jitter. The output folder is itself a
+loadable Hub repository holding the best model by validation Dice.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, get_scheduler
+
+from segmentation_data import (
+    DataError,
+    PolypSegmentationDataset,
+    decode_samples,
+    load_splits,
+    training_augmentation,
+)
+from segmentation_metrics import confusion_counts, format_table, summarize
+
+logger = get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_DATASET = "kowndinya23/Kvasir-SEG"
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_STATE_FILE = "training_state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default=DEFAULT_DATASET,
+                      help="A Hub dataset id, or a local folder with images/, masks/ and splits/.")
+    data.add_argument("--image_column_name", default=None, help="Image column of a Hub copy (default: detected).")
+    data.add_argument("--label_column_name", default=None, help="Mask column of a Hub copy (default: detected).")
+    data.add_argument("--resolution", type=int, default=256, help="Side images are resized to (and validated at).")
+    data.add_argument("--train_crop_size", type=int, default=None,
+                      help="Train on random crops of this side taken from the resized images (cheaper steps at the "
+                           "final scale); validation still sees whole images.")
+    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--max_eval_samples", type=int, default=None)
+    data.add_argument("--skip_bad_samples", action="store_true",
+                      help="Leave out (and list) samples that cannot be used instead of stopping.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--config_name", default=str(REPO_ROOT),
+                       help="Folder or Hub id whose config.json and preprocessor config define the architecture.")
+    model.add_argument("--config_overrides", default=None,
+                       help="Comma-separated config overrides, e.g. 'encoder_name=convnext_atto,"
+                            "decoder_channels=[64,32,16,8,8]'.")
+    model.add_argument("--init_from", default=None,
+                       help="Start from the weights of a saved model (folder or Hub id): fine-tuning, or continuing a "
+                            "long run in stages.")
+    model.add_argument("--encoder_pretrained", nargs="?", const="timm", default=None,
+                       help="Load ImageNet weights into the encoder through timm (needs the Hub or timm's cache); "
+                            "give a path to use a local timm checkpoint file instead.")
+    model.add_argument("--gradient_checkpointing", action="store_true")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", required=True)
+    training.add_argument("--num_train_epochs", type=int, default=50)
+    training.add_argument("--max_train_steps", type=int, default=None,
+                          help="Stop after this many optimiser steps (overrides the epochs' count for the schedule).")
+    training.add_argument("--per_device_train_batch_size", type=int, default=64)
+    training.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--learning_rate", type=float, default=1e-3)
+    training.add_argument("--weight_decay", type=float, default=1e-4)
+    training.add_argument("--lr_scheduler_type", default="cosine")
+    training.add_argument("--warmup_ratio", type=float, default=0.05)
+    training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="fp16",
+                          help="fp16 falls back to fp32 (with a warning) where there is no GPU.")
+    training.add_argument("--seed", type=int, default=42)
+    training.add_argument("--report_to", default="tensorboard", help="Accelerate trackers, or 'none'.")
+
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument("--checkpointing_steps", default="epoch",
+                             help="'epoch', or a number of optimiser steps between checkpoints.")
+    checkpoints.add_argument("--save_total_limit", type=int, default=None,
+                             help="Keep only the newest N checkpoints (the best model is kept apart and never "
+                                  "deleted).")
+    checkpoints.add_argument("--resume_from_checkpoint", default=None,
+                             help="A checkpoint folder, or 'latest' for the newest one in --output_dir.")
+
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--hub_model_id", default=None)
+    hub.add_argument("--hub_token", default=None)
+    hub.add_argument("--hub_private_repo", action="store_true")
+
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id.")
+    if args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():
+        parser.error(f"--checkpointing_steps must be 'epoch' or a positive integer, got {args.checkpointing_steps!r}.")
+    if args.train_crop_size is not None and args.train_crop_size > args.resolution:
+        parser.error(f"--train_crop_size {args.train_crop_size} is larger than --resolution {args.resolution}.")
+    return args
+
+
+def build_accelerator(args: argparse.Namespace) -> Accelerator:
+    mixed_precision = args.mixed_precision
+    has_gpu = torch.accelerator.is_available() and not os.environ.get("ACCELERATE_USE_CPU")
+    if mixed_precision == "fp16" and not has_gpu:
+        # Accelerate would silently run fp32 anyway; say so once. (bf16 autocast does run on a CPU, but far slower.)
+        print("warning: --mixed_precision fp16 needs a GPU; training in fp32 on the CPU.", file=sys.stderr)
+        mixed_precision = "no"
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def load_config_and_processor(args: argparse.Namespace):
+    config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=True)
+    if args.config_overrides:
+        config.update_from_string(args.config_overrides)
+        # Re-validate: `update_from_string` sets attributes without the config's checks.
+        config = type(config).from_dict(config.to_dict())
+    config.image_size = args.resolution
+    processor = AutoImageProcessor.from_pretrained(args.config_name, trust_remote_code=True)
+    processor.size = {"height": args.resolution, "width": args.resolution}
+    processor.threshold = config.threshold
+    return config, processor
+
+
+def build_model(config, args: argparse.Namespace):
+    if args.init_from:
+        model = AutoModel.from_pretrained(args.init_from, config=config, trust_remote_code=True, use_safetensors=True)
+    else:
+        model = AutoModel.from_config(config, trust_remote_code=True)
+    if args.encoder_pretrained:
+        try:
+            model.load_encoder_pretrained_weights(None if args.encoder_pretrained == "timm" else args.encoder_pretrained)
+        except Exception as error:  # timm raises several kinds when the Hub is unreachable
+            raise RuntimeError(
+                f"--encoder_pretrained: could not load ImageNet weights for {config.encoder_name!r} ({error}). They "
+                "come from the Hugging Face Hub or timm's cache; offline, pass the path of a local timm checkpoint."
+            ) from error
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def build_datasets(args: argparse.Namespace, processor, accelerator: Accelerator):
+    splits, problems = load_splits(args.dataset_name, args.image_column_name, args.label_column_name)
+    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
+    decoded = {}
+    for split, limit in limits.items():
+        samples = splits[split][:limit] if limit else splits[split]
+        names, images, masks, bad = decode_samples(samples, args.resolution)
+        problems += bad
+        decoded[split] = (names, images, masks)
+    if problems:
+        listing = "\n  ".join(problems)
+        if not args.skip_bad_samples:
+            raise DataError(f"{len(problems)} unusable sample(s) in {args.dataset_name}:\n  {listing}\n"
+                            "Fix them, or pass --skip_bad_samples to leave them out.")
+        logger.warning(f"Leaving out {len(problems)} unusable sample(s):\n  {listing}", main_process_only=True)
+    for split, (names, _, _) in decoded.items():
+        if not names:
+            raise DataError(f"The {split} split of {args.dataset_name} has no usable sample.")
+    mean, std = processor.image_mean, processor.image_std
+    train = PolypSegmentationDataset(*decoded["train"], mean, std, training_augmentation(args.train_crop_size), args.seed)
+    validation = PolypSegmentationDataset(*decoded["validation"], mean, std)
+    return train, validation
+
+
+def build_optimizer(model, args: argparse.Namespace) -> torch.optim.Optimizer:
+    # No weight decay on biases and normalisation weights, as in transformers' and timm's recipes.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate)
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: written ones are renamed from `*.partial` only once whole."""
+    folder = Path(output_dir) / "checkpoints"
+    candidates = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: dict) -> None:
+    """`accelerator.save_state` plus the loop's position, into a temporary folder renamed when complete."""
+    folder = Path(args.output_dir) / "checkpoints"
+    final = folder / f"{CHECKPOINT_PREFIX}{state['completed_steps']}"
+    partial = folder / f"{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if args.save_total_limit:
+            checkpoints = sorted(
+                (p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+                key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]),
+            )
+            for old in checkpoints[: -args.save_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, args: argparse.Namespace) -> dict | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoint = find_latest_checkpoint(args.output_dir)
+        if checkpoint is None:
+            logger.info(f"No checkpoint in {args.output_dir}/checkpoints yet: starting from scratch.")
+            return None
+    else:
+        checkpoint = Path(args.resume_from_checkpoint)
+    if not (checkpoint / TRAINING_STATE_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: it has no {TRAINING_STATE_FILE}.")
+    accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
+    logger.info(f"Resumed from {checkpoint}: epoch {state['epoch']}, step {state['completed_steps']}.")
+    return state
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator: Accelerator, threshold: float) -> dict[str, float]:
+    model.eval()
+    counts, losses, weights = [], [], []
+    for batch in dataloader:
+        outputs = model(**batch)
+        predictions = outputs.logits.float().sigmoid() > threshold
+        counts.append(accelerator.gather_for_metrics(confusion_counts(predictions, batch["labels"][:, None])))
+        batch_size = torch.tensor([len(batch["labels"])], device=accelerator.device, dtype=torch.float32)
+        losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float()[None] * batch_size))
+        weights.append(accelerator.gather_for_metrics(batch_size))
+    model.train()
+    summary = summarize(torch.cat(counts).cpu())
+    summary["loss"] = (torch.cat(losses).sum() / torch.cat(weights).sum()).item()
+    return summary
+
+
+def save_best_model(accelerator: Accelerator, model, processor, args, metrics: dict, run_config: dict) -> None:
+    """Writes the best model into `--output_dir` so the folder is a Hub repository: every file is written to a
+    temporary folder first and moved into place with an atomic rename."""
+    if not accelerator.is_main_process:
+        return
+    output_dir = Path(args.output_dir)
+    staging = output_dir / ".best_model.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(staging, safe_serialization=True, state_dict=accelerator.get_state_dict(model))
+    processor.save_pretrained(staging)
+    (staging / "README.md").write_text(render_run_card(args, metrics, run_config))
+    (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "model.safetensors"):
+        os.replace(path, output_dir / path.name)
+    staging.rmdir()
+
+
+def render_run_card(args: argparse.Namespace, metrics: dict, run_config: dict) -> str:
+    command = " ".join(["accelerate launch train_accelerate.py", *sys.argv[1:]])
+    return f"""---
+library_name: transformers
+pipeline_tag: image-segmentation
+tags:
+- medical-imaging
+- polyp-segmentation
+- attention-unet
+datasets:
+- kowndinya23/Kvasir-SEG
+---
+
+# Attention U-Net for polyp segmentation (training run output)
+
+Best model of a `train_accelerate.py` run, chosen by validation mean Dice, at epoch {metrics['epoch']}.
+
+## Validation results ({run_config['num_eval_samples']} images, {args.resolution}x{args.resolution})
+
+{format_table(metrics['eval'], metrics['eval']['loss'])}
+
+"Mean over images" is the polyp literature's mDice / mIoU; "pooled" counts every pixel of the split once.
+
+## Training configuration
+
+```json
+{json.dumps(run_config, indent=2)}
+```
+
+Reproduce with:
+
+```bash
+{command}
+```
+
+Load with `AutoModel.from_pretrained(<this repo>, trust_remote_code=True)`.
+"""
+
+
+class HubPusher:
+    """Pushes `--output_dir` to the Hub in the background. A push never blocks training; a failed one is reported
+    and retried at the next call once its back-off has passed, and the local folder is never touched."""
+
+    IGNORE_PATTERNS = ["checkpoints/*", "runs/*", "*.partial/*", ".hub_snapshot/*"]
+
+    def __init__(self, args: argparse.Namespace):
+        from huggingface_hub import HfApi
+
+        self.api = HfApi(token=args.hub_token)
+        self.repo_id = args.hub_model_id
+        self.folder = Path(args.output_dir)
+        self.private = args.hub_private_repo
+        self.future = None
+        self.failures = 0
+        self.retry_after = 0.0
+        self.repo_created = False
+
+    def _collect(self) -> None:
+        if self.future is None or not self.future.done():
+            return
+        error = self.future.exception()
+        self.future = None
+        if error is None:
+            self.failures = 0
+            return
+        self.failures += 1
+        backoff = min(30.0 * 2 ** (self.failures - 1), 600.0)
+        self.retry_after = time.monotonic() + backoff
+        print(f"warning: push to {self.repo_id} failed ({error}); will retry at the next push after {backoff:.0f} s. "
+              f"The local copy in {self.folder} is complete.", file=sys.stderr)
+
+    def push(self, message: str) -> None:
+        self._collect()
+        if self.future is not None or time.monotonic() < self.retry_after:
+            return
+        try:
+            if not self.repo_created:
+                self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+                self.repo_created = True
+            snapshot = self._snapshot()
+            self.future = self.api.upload_folder(
+                repo_id=self.repo_id, folder_path=snapshot, commit_message=message, run_as_future=True
+            )
+        except Exception as error:  # a refused or dropped connection must not stop training
+            from concurrent.futures import Future
+
+            self.future = Future()
+            self.future.set_exception(error)
+            self._collect()
+
+    def _snapshot(self) -> Path:
+        # Hard links freeze the files being uploaded: the best model is replaced by renames, never rewritten.
+        snapshot = self.folder / ".hub_snapshot"
+        shutil.rmtree(snapshot, ignore_errors=True)
+        snapshot.mkdir()
+        for path in self.folder.iterdir():
+            if path.is_file():
+                os.link(path, snapshot / path.name)
+        return snapshot
+
+    def finish(self, message: str, attempts: int = 3) -> bool:
+        """Waits for the running push, then pushes the final state, retrying with back-off. Returns success."""
+        for attempt in range(attempts):
+            if self.future is not None:
+                try:
+                    self.future.result()
+                except Exception:
+                    pass
+                self.future = None
+            self.retry_after = 0.0
+            self.push(message)
+            if self.future is None:
+                time.sleep(2**attempt)
+                continue
+            try:
+                self.future.result()
+                self.future = None
+                return True
+            except Exception as error:
+                print(f"warning: final push to {self.repo_id} failed ({error}).", file=sys.stderr)
+                self.future = None
+                time.sleep(2**attempt)
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    accelerator = build_accelerator(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir, "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    config, processor = load_config_and_processor(args)
+    model = build_model(config, args)
+    train_dataset, eval_dataset = build_datasets(args, processor, accelerator)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+        num_workers=args.dataloader_num_workers,
+    )
+    eval_dataloader = torch.utils.data.DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size)
+    optimizer = build_optimizer(model, args)
+
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # Accelerate's prepared scheduler steps once per process at every optimiser step.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=round(args.warmup_ratio * max_train_steps) * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
+    )
+
+    run_config = {
+        "encoder_name": config.encoder_name, "resolution": args.resolution, "train_crop_size": args.train_crop_size,
+        "num_train_epochs": num_train_epochs, "max_train_steps": max_train_steps,
+        "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        "learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "warmup_ratio": args.warmup_ratio,
+        "lr_scheduler_type": args.lr_scheduler_type, "mixed_precision": accelerator.mixed_precision,
+        "seed": args.seed, "dataset_name": args.dataset_name, "init_from": args.init_from,
+        "num_train_samples": len(train_dataset), "num_eval_samples": len(eval_dataset),
+        "num_processes": accelerator.num_processes,
+    }
+    if args.report_to != "none":
+        accelerator.init_trackers("attention_unet", {k: v if v is not None else "" for k, v in run_config.items()})
+
+    state = load_checkpoint(accelerator, args) or {
+        "epoch": 0, "step_in_epoch": 0, "completed_steps": 0, "best_dice": -1.0, "best_epoch": None,
+    }
+    pusher = HubPusher(args) if args.push_to_hub and accelerator.is_main_process else None
+    checkpoint_every = None if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps)
+    logger.info(f"{len(train_dataset)} training / {len(eval_dataset)} validation images, {num_train_epochs} epochs, "
+                f"{max_train_steps} optimiser steps, {accelerator.num_processes} process(es) on {accelerator.device}.")
+
+    progress = tqdm(total=max_train_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process)
+    model.train()
+    for epoch in range(state["epoch"], num_train_epochs):
+        train_dataset.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        skipped = state["step_in_epoch"] * args.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(train_dataloader, skipped) if skipped else train_dataloader
+        step_in_epoch = state["step_in_epoch"]
+        loss_sum, loss_count, images_seen = torch.zeros((), device=accelerator.device), 0, 0
+        data_seconds = model_seconds = 0.0
+        tick = time.perf_counter()
+        for batch in batches:
+            loaded = time.perf_counter()
+            data_seconds += loaded - tick
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                loss = outputs.loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Non-finite training loss ({loss.item()}) at epoch {epoch}, optimiser step "
+                        f"{state['completed_steps'] + 1}; the last good checkpoint is "
+                        f"{find_latest_checkpoint(args.output_dir)}. Lower --learning_rate or use fp32."
+                    )
+                accelerator.backward(loss)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach().float()
+            loss_count += 1
+            images_seen += len(batch["labels"]) * accelerator.num_processes
+            tick = time.perf_counter()
+            model_seconds += tick - loaded
+            if accelerator.sync_gradients:
+                step_in_epoch += 1
+                state["completed_steps"] += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_seen / (data_seconds + model_seconds):.2f}")
+                if checkpoint_every and state["completed_steps"] % checkpoint_every == 0:
+                    save_checkpoint(accelerator, args, {**state, "epoch": epoch, "step_in_epoch": step_in_epoch})
+                if state["completed_steps"] >= max_train_steps:
+                    break
+
+        eval_start = time.perf_counter()
+        metrics = evaluate(model, eval_dataloader, accelerator, config.threshold)
+        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
+        record = {
+            "epoch": epoch + 1, "step": state["completed_steps"], "train_loss": train_loss,
+            "learning_rate": lr_scheduler.get_last_lr()[0],
+            "train_images_per_second": images_seen / max(data_seconds + model_seconds, 1e-9),
+            "data_seconds": data_seconds, "model_seconds": model_seconds,
+            "eval_seconds": time.perf_counter() - eval_start,
+            **{f"eval_{name}": value for name, value in metrics.items()},
+        }
+        accelerator.log(record, step=epoch + 1)
+        if accelerator.is_main_process:
+            with open(Path(args.output_dir) / METRICS_FILE, "a") as log_file:
+                log_file.write(json.dumps(record) + "\n")
+        logger.info(f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation mDice {metrics['mean_dice']:.4f}, "
+                    f"loss {metrics['loss']:.4f}", main_process_only=True)
+
+        state.update(epoch=epoch + 1, step_in_epoch=0)
+        improved = metrics["mean_dice"] > state["best_dice"]
+        if improved:
+            state.update(best_dice=metrics["mean_dice"], best_epoch=epoch + 1)
+            save_best_model(accelerator, model, processor, args, {"epoch": epoch + 1, "eval": metrics}, run_config)
+        if args.checkpointing_steps == "epoch" or state["completed_steps"] >= max_train_steps:
+            save_checkpoint(accelerator, args, state)
+        if pusher is not None and improved:
+            pusher.push(f"epoch {epoch + 1}: validation mDice {metrics['mean_dice']:.4f}")
+        if state["completed_steps"] >= max_train_steps:
+            break
+
+    progress.close()
+    accelerator.end_training()
+    if pusher is not None:
+        if not pusher.finish(f"end of training: best validation mDice {state['best_dice']:.4f}"):
+            logger.warning(f"The final push failed; {args.output_dir} is complete and can be pushed again.")
+    accelerator.wait_for_everyone()
+    logger.info(f"Best validation mDice {state['best_dice']:.4f} at epoch {state['best_epoch']}; model in {args.output_dir}.")
+
+
+if __name__ == "__main__":
+    main()
