@@ -66,6 +66,16 @@ class AttentionUNetConfig(PretrainedConfig):
         self.decoder_channels = list(self.decoder_channels)
         self._check_fields()
         super().__post_init__(**kwargs)
+        self.__dict__["_fields_checked"] = True
+
+    def __setattr__(self, key, value):
+        # `from_pretrained(..., **overrides)` and `update_from_string` set fields one by one after `__init__`: check
+        # them there too, so a bad value fails when the config is built, not deep inside a forward pass.
+        super().__setattr__(key, value)
+        if key in _CHECKED_FIELDS and self.__dict__.get("_fields_checked"):
+            if key == "decoder_channels":
+                super().__setattr__(key, list(value))
+            self._check_fields()
 
     def _check_fields(self) -> None:
         # Raised here rather than in a strict `validate_*` hook: those wrap the error in a non-ValueError type.
@@ -88,5 +98,10 @@ class AttentionUNetConfig(PretrainedConfig):
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"`drop_path_rate` must lie in [0, 1), got {self.drop_path_rate}.")
 
+
+_CHECKED_FIELDS = {
+    "encoder_name", "decoder_channels", "attention_channels_ratio", "num_channels", "image_size", "num_output_channels",
+    "loss_alpha", "threshold", "drop_path_rate",
+}
 
 __all__ = ["AttentionUNetConfig"]

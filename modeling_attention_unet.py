@@ -227,7 +227,8 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
             pixel_values = F.pad(pixel_values, (0, pad_width, 0, pad_height))
         return pixel_values
 
-    def _labels_like(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of `(B, 1, H, W)` logits against `(B, H, W)` or `(B, 1, H, W)` labels in {0, 1}."""
         if labels.ndim == 3:
             labels = labels.unsqueeze(1)
         if labels.shape != logits.shape:
@@ -235,7 +236,7 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
                 f"`labels` must have shape (batch, height, width) or (batch, 1, height, width) matching the logits "
                 f"{tuple(logits.shape)}, got {tuple(labels.shape)}."
             )
-        return labels
+        return attention_unet_loss(logits, labels, self.config.loss_alpha)
 
     def forward(
         self,
@@ -274,7 +275,7 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = attention_unet_loss(logits, self._labels_like(labels, logits), self.config.loss_alpha)
+            loss = self.compute_loss(logits, labels)
 
         output = SemanticSegmenterOutput(
             loss=loss,

@@ -192,7 +192,7 @@ def decode_sample(sample: RawSample, resolution: int | None) -> tuple[torch.Tens
         image = np.asarray(PIL.Image.fromarray(image).resize(size, PIL.Image.Resampling.BILINEAR))
         mask_image = PIL.Image.fromarray(mask.astype(np.uint8) * 255)
         mask = np.asarray(mask_image.resize(size, PIL.Image.Resampling.BILINEAR)) > MASK_THRESHOLD
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), torch.from_numpy(mask)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1), torch.from_numpy(np.array(mask))
 
 
 def decode_samples(

@@ -134,12 +134,39 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
     )
 
 
+def parse_config_overrides(text: str) -> dict:
+    """`'a=1,b=[1,2],c=x'` -> `{'a': 1, 'b': [1, 2], 'c': 'x'}`. Values are JSON where they parse as JSON (numbers,
+    booleans, lists) and strings otherwise; commas inside brackets do not split. (transformers'
+    `update_from_string` splits on every comma and takes no lists.)"""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    overrides = {}
+    for item in filter(None, (item.strip() for item in items)):
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise ValueError(f"--config_overrides: {item!r} is not key=value.")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value.strip()
+    return overrides
+
+
 def load_config_and_processor(args: argparse.Namespace):
     config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=True)
     if args.config_overrides:
-        config.update_from_string(args.config_overrides)
-        # Re-validate: `update_from_string` sets attributes without the config's checks.
-        config = type(config).from_dict(config.to_dict())
+        overrides = parse_config_overrides(args.config_overrides)
+        unknown = sorted(key for key in overrides if not hasattr(config, key))
+        if unknown:
+            raise ValueError(f"--config_overrides: {unknown} are not fields of {type(config).__name__}.")
+        config = type(config).from_dict({**config.to_dict(), **overrides})
     config.image_size = args.resolution
     processor = AutoImageProcessor.from_pretrained(args.config_name, trust_remote_code=True)
     processor.size = {"height": args.resolution, "width": args.resolution}
@@ -161,7 +188,7 @@ def build_model(config, args: argparse.Namespace):
                 "come from the Hugging Face Hub or timm's cache; offline, pass the path of a local timm checkpoint."
             ) from error
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 
@@ -320,11 +347,19 @@ Load with `AutoModel.from_pretrained(<this repo>, trust_remote_code=True)`.
 """
 
 
+def check_replicas_in_sync(model, accelerator: Accelerator) -> list[float]:
+    """Every process's float64 sum of the weights; raises if data-parallel replicas have drifted apart."""
+    with torch.no_grad():
+        checksum = sum(p.double().sum() for p in accelerator.unwrap_model(model).parameters())
+    checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
+    if any(value != checksums[0] for value in checksums):
+        raise RuntimeError(f"The {len(checksums)} processes ended with different weights (checksums {checksums}).")
+    return checksums
+
+
 class HubPusher:
     """Pushes `--output_dir` to the Hub in the background. A push never blocks training; a failed one is reported
     and retried at the next call once its back-off has passed, and the local folder is never touched."""
-
-    IGNORE_PATTERNS = ["checkpoints/*", "runs/*", "*.partial/*", ".hub_snapshot/*"]
 
     def __init__(self, args: argparse.Namespace):
         from huggingface_hub import HfApi
@@ -387,8 +422,8 @@ class HubPusher:
             if self.future is not None:
                 try:
                     self.future.result()
-                except Exception:
-                    pass
+                except Exception as error:
+                    print(f"warning: push to {self.repo_id} failed ({error}).", file=sys.stderr)
                 self.future = None
             self.retry_after = 0.0
             self.push(message)
@@ -398,6 +433,7 @@ class HubPusher:
             try:
                 self.future.result()
                 self.future = None
+                shutil.rmtree(self.folder / ".hub_snapshot", ignore_errors=True)
                 return True
             except Exception as error:
                 print(f"warning: final push to {self.repo_id} failed ({error}).", file=sys.stderr)
@@ -534,12 +570,15 @@ def main(argv: list[str] | None = None) -> None:
             break
 
     progress.close()
-    accelerator.end_training()
+    checksums = check_replicas_in_sync(model, accelerator)
+    logger.info(f"Weights identical on all {len(checksums)} process(es): checksum {checksums[0]!r}.")
     if pusher is not None:
         if not pusher.finish(f"end of training: best validation mDice {state['best_dice']:.4f}"):
             logger.warning(f"The final push failed; {args.output_dir} is complete and can be pushed again.")
     accelerator.wait_for_everyone()
     logger.info(f"Best validation mDice {state['best_dice']:.4f} at epoch {state['best_epoch']}; model in {args.output_dir}.")
+    # Last: it tears down the process group that `wait_for_everyone` needs.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,464 @@
+#!/usr/bin/env python
+"""CPU benchmark of the Attention U-Net against two reference U-Nets, in one run, on the same inputs and threads.
+
+    pip install -r requirements-bench.txt
+    python benchmarks/bench_cpu.py --output_json benchmarks/cpu.json --update_readme README.md
+    python benchmarks/bench_cpu.py --tiny --repeats 3          # a smoke run on tiny models
+
+For this model and its peers, segmentation_models_pytorch's `Unet("tu-convnext_tiny")` and MONAI's `AttentionUnet`
+(random weights, one output class), it measures at `--resolution` (default 256x256):
+
+* inference latency at batch 1 and throughput (images/s) at `--batch_size` (default 8), in fp32: eager PyTorch, eager
+  in channels-last memory format, `torch.compile`, and ONNX Runtime (CPU) on the export `export_onnx.py` makes;
+* training throughput: forward, backward and an AdamW step at `--batch_size`, with this model's BCE + Dice loss;
+* the FLOPs per image (`torch.utils.flop_counter.FlopCounterMode`; a multiply-add counts 2) and the GFLOP/s each figure
+  achieves, next to the machine's fp32 peak as derived from /proc/cpuinfo.
+
+Every figure is the median of `--repeats` timed runs after `--warmup` untimed ones (which include the compilation);
+each is also given as a ratio to this model's eager figure (for training, to this model's training figure). Prints a
+Markdown table, writes everything to `--output_json`, and with `--update_readme` puts the table and the command that
+made it between the `<!-- performance:start -->` and `<!-- performance:end -->` markers of a README.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from export_onnx import DYNAMIC_AXES, export_model, export_to_onnx  # noqa: E402
+
+README_START = "<!-- performance:start -->"
+README_END = "<!-- performance:end -->"
+# The same tiny configuration as the tests' (`tests/conftest.py`).
+TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
+VARIANTS = ("eager", "channels_last", "compile", "onnxruntime")
+PEERS = ("smp", "monai")
+SKIPPABLE = (*PEERS, "channels_last", "compile", "onnxruntime", "training")
+OURS = "Attention U-Net (ours)"
+PEER_NAMES = {"smp": "smp Unet", "monai": "MONAI AttentionUnet"}
+# FMA units per core are not in /proc/cpuinfo; two is right for Intel cores since Haswell (most AVX-512 server parts)
+# and AMD cores since Zen 2.
+FMA_UNITS_PER_CORE = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="A saved model folder or Hub id (default: the repository's config.json with random "
+                             "weights, or the tiny config with --tiny).")
+    parser.add_argument("--resolution", type=int, default=None, help="Input side (default: 256, or 64 with --tiny).")
+    parser.add_argument("--batch_size", type=int, default=8, help="Batch of the throughput and training figures.")
+    parser.add_argument("--repeats", type=int, default=10, help="Timed runs per figure (the median is reported).")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed runs before each figure.")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="Threads for PyTorch and ONNX Runtime (default: all cores available, %(default)s).")
+    parser.add_argument("--tiny", action="store_true",
+                        help="Tiny models (convnext_atto encoders, narrow decoders) at 64x64: a smoke run.")
+    parser.add_argument("--skip", nargs="+", default=[], choices=SKIPPABLE,
+                        help="Peers or variants to leave out (missing peers are skipped anyway).")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend (default: %(default)s; 'eager' only checks that it traces).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default=None)
+    parser.add_argument("--update_readme", default=None, metavar="README.md",
+                        help="Replace the text between the performance markers of this file with the results.")
+    args = parser.parse_args(argv)
+    args.resolution = args.resolution or (64 if args.tiny else 256)
+    if min(args.batch_size, args.repeats, args.threads, args.resolution) < 1 or args.warmup < 0:
+        parser.error("--batch_size, --repeats, --threads and --resolution must be positive, --warmup non-negative")
+    if args.update_readme:
+        check_readme_markers(Path(args.update_readme), parser.error)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------- machine
+
+
+def cpu_info() -> dict:
+    """Model name, clock, SIMD flags and the fp32 peak they imply, with how it was derived."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    field = lambda name: re.findall(rf"^{name}\s*:\s*(.+)$", text, flags=re.MULTILINE)  # noqa: E731
+    flags = set(field("flags")[0].split()) if field("flags") else set()
+    max_freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    if max_freq.exists():
+        ghz, clock_source = int(max_freq.read_text()) / 1e6, "cpufreq cpuinfo_max_freq"
+    elif field("cpu MHz"):
+        ghz, clock_source = max(float(mhz) for mhz in field("cpu MHz")) / 1e3, "'cpu MHz' in /proc/cpuinfo"
+    else:
+        ghz, clock_source = None, "unknown"
+    if "avx512f" in flags:
+        isa, lanes, fma = "AVX-512 + FMA", 16, 2
+    elif "avx2" in flags and "fma" in flags:
+        isa, lanes, fma = "AVX2 + FMA", 8, 2
+    elif "avx" in flags:
+        isa, lanes, fma = "AVX (no FMA)", 8, 1
+    else:
+        isa, lanes, fma = "SSE", 4, 1
+    units = FMA_UNITS_PER_CORE if fma == 2 else 1
+    flops_per_cycle = lanes * fma * units
+    return {
+        "model_name": field("model name")[0] if field("model name") else platform.processor(),
+        "logical_cpus": os.cpu_count(),
+        "available_cpus": len(os.sched_getaffinity(0)),
+        "ghz": ghz,
+        "clock_source": clock_source,
+        "isa": isa,
+        "fp32_flops_per_cycle_per_core": flops_per_cycle,
+        "derivation": (f"{lanes} fp32 lanes ({isa}) x {fma} FLOP per {'FMA' if fma == 2 else 'op'} x {units} "
+                       f"{'FMA ' if fma == 2 else ''}unit(s) per core = {flops_per_cycle} FLOP/cycle/core"
+                       + (" (2 FMA units per core is assumed: not in /proc/cpuinfo)" if fma == 2 else "")),
+    }
+
+
+def peak_gflops(cpu: dict, cores: int) -> float | None:
+    return None if cpu["ghz"] is None else cores * cpu["ghz"] * cpu["fp32_flops_per_cycle_per_core"]
+
+
+# ------------------------------------------------------------------------------------------------------------ models
+
+
+class LogitsOnly(nn.Module):
+    """This model called like the peers: `pixel_values` -> logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def build_ours(args):
+    from transformers import AutoConfig, AutoModel
+
+    if args.model:
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
+        source = args.model
+    else:
+        config = AutoConfig.from_pretrained(REPO_ROOT, trust_remote_code=True, **(TINY_OVERRIDES if args.tiny else {}))
+        model = AutoModel.from_config(config, trust_remote_code=True)
+        source = f"config.json{' with the tiny overrides' if args.tiny else ''}"
+    loss_fn = sys.modules[type(model).__module__].attention_unet_loss
+    description = f"{source} (encoder {model.config.encoder_name}, decoder {model.config.decoder_channels})"
+    return model, description, loss_fn
+
+
+def build_smp(args):
+    import segmentation_models_pytorch as smp
+
+    if args.tiny:
+        return smp.Unet("tu-convnext_atto", encoder_weights=None, classes=1, decoder_channels=(32, 16, 16, 8, 8)), \
+            'smp.Unet("tu-convnext_atto", decoder_channels=(32, 16, 16, 8, 8))'
+    return smp.Unet("tu-convnext_tiny", encoder_weights=None, classes=1), 'smp.Unet("tu-convnext_tiny")'
+
+
+def build_monai(args):
+    from monai.networks.nets import AttentionUnet
+
+    channels = (4, 8, 16, 32, 64) if args.tiny else (16, 32, 64, 128, 256)
+    model = AttentionUnet(spatial_dims=2, in_channels=3, out_channels=1, channels=channels, strides=(2, 2, 2, 2))
+    return model, f"monai AttentionUnet(channels={channels}, strides=(2, 2, 2, 2))"
+
+
+# ------------------------------------------------------------------------------------------------------------ timing
+
+
+def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, list[float], float]:
+    """Median time of `fn()` over `repeats` runs after `warmup` runs; also all times and the warm-up's duration."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    warmup_seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, warmup_seconds
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_runner(variant: str, module: nn.Module, args, export: Callable[[str], object], workdir: Path):
+    """A `pixel_values -> logits` callable for one variant (its set-up time excluded from the figures)."""
+    if variant == "eager":
+        return lambda x: module(x)
+    if variant == "channels_last":
+        converted = copy.deepcopy(module).to(memory_format=torch.channels_last)
+        return lambda x: converted(x.contiguous(memory_format=torch.channels_last))
+    if variant == "compile":
+        # Static shapes: one specialised graph per batch size, as a deployment with fixed batches would use.
+        compiled = torch.compile(module, backend=args.compile_backend, dynamic=False)
+        return lambda x: compiled(x)
+    if variant == "onnxruntime":
+        import onnxruntime as ort
+
+        path = workdir / "model.onnx"
+        export(str(path))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(["logits"], {"pixel_values": x.numpy()})[0]
+    raise ValueError(variant)
+
+
+def benchmark_model(name: str, model: nn.Module, loss_fn, args, inputs, labels, export, ours: bool) -> dict:
+    """All figures of one model: FLOPs, each inference variant's latency and throughput, training throughput."""
+    module = (LogitsOnly(model) if ours else model).eval()
+    batch = inputs[: args.batch_size]
+    single = inputs[:1]
+    result = {"model": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "variants": {}}
+    with torch.inference_mode():
+        result["flops_per_image"] = count_flops(lambda: module(single))
+    for variant in VARIANTS:
+        if variant in args.skip:
+            continue
+        print(f"  {variant}...", flush=True)
+        figures = {}
+        try:
+            with tempfile.TemporaryDirectory() as workdir:
+                start = time.perf_counter()
+                run = make_runner(variant, module, args, export, Path(workdir))  # exports outside inference mode
+                figures["setup_seconds"] = time.perf_counter() - start
+                with torch.inference_mode():
+                    latency, latency_runs, warm = median_seconds(lambda: run(single), args.warmup, args.repeats)
+                    step, step_runs, warm_batch = median_seconds(lambda: run(batch), args.warmup, args.repeats)
+            figures.update(latency_ms=latency * 1e3, latency_runs_ms=[t * 1e3 for t in latency_runs],
+                           throughput=args.batch_size / step, batch_runs_ms=[t * 1e3 for t in step_runs],
+                           warmup_seconds=warm + warm_batch)
+        except Exception as error:  # noqa: BLE001 - one variant failing must not lose the others
+            traceback.print_exc()
+            figures = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        result["variants"][variant] = figures
+
+    if "training" not in args.skip:
+        print("  training...", flush=True)
+        train_model = copy.deepcopy(model).train()
+        optimizer = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
+        forward = (lambda x: train_model(pixel_values=x).logits) if ours else train_model
+
+        def train_step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(forward(batch), labels[: args.batch_size], 0.5)
+            loss.backward()
+            optimizer.step()
+
+        try:
+            # Backward taken as twice the forward: FlopCounterMode (torch 2.14) counts the backward of a grouped
+            # convolution `groups` times over, which inflates ConvNeXt's depthwise 7x7 convolutions ~60-fold.
+            result["train_flops_per_image"] = 3 * result["flops_per_image"]
+            step, step_runs, _ = median_seconds(train_step, args.warmup, args.repeats)
+            result["training"] = {"throughput": args.batch_size / step, "step_runs_ms": [t * 1e3 for t in step_runs]}
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc()
+            result["training"] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------- reports
+
+
+def add_ratios(results: list[dict], peak: float | None) -> None:
+    """Ratios to this model's eager (and training) figures, and the GFLOP/s achieved."""
+    ours = results[0]
+    base = ours["variants"].get("eager", {})
+    base_train = ours.get("training", {}).get("throughput")
+    for result in results:
+        for figures in result["variants"].values():
+            if "error" in figures:
+                continue
+            if base.get("latency_ms"):
+                figures["latency_vs_ours_eager"] = figures["latency_ms"] / base["latency_ms"]
+            if base.get("throughput"):
+                figures["throughput_vs_ours_eager"] = figures["throughput"] / base["throughput"]
+            figures["gflops_per_second"] = result["flops_per_image"] * figures["throughput"] / 1e9
+            if peak:
+                figures["fraction_of_peak"] = figures["gflops_per_second"] / peak
+        training = result.get("training", {})
+        if "throughput" in training:
+            if base_train:
+                training["throughput_vs_ours_training"] = training["throughput"] / base_train
+            training["gflops_per_second"] = result["train_flops_per_image"] * training["throughput"] / 1e9
+            if peak:
+                training["fraction_of_peak"] = training["gflops_per_second"] / peak
+
+
+def markdown_table(report: dict) -> str:
+    """The results as a Markdown table, followed by what was measured and on which machine."""
+    settings, cpu = report["settings"], report["machine"]
+    res, batch, threads = settings["resolution"], settings["batch_size"], settings["threads"]
+    lines = [
+        f"| Model | Mode | Latency, batch 1 (ms) | x ours eager | Throughput, batch {batch} (img/s) | x ours eager "
+        "| GFLOP/s (% of peak) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    achieved = lambda figures: f"{figures['gflops_per_second']:.1f}" + (  # noqa: E731
+        f" ({figures['fraction_of_peak']:.0%})" if "fraction_of_peak" in figures else "")
+    ratio = lambda value: "–" if value is None else f"{value:.2f}"  # noqa: E731
+    for result in report["results"]:
+        name = result["model"]
+        for variant, figures in result["variants"].items():
+            if "error" in figures:
+                lines.append(f"| {name} | {variant} | failed: {figures['error'][:100]} | | | | |")
+                continue
+            lines.append(f"| {name} | {variant} | {figures['latency_ms']:.1f} | "
+                         f"{ratio(figures.get('latency_vs_ours_eager'))} | {figures['throughput']:.1f} | "
+                         f"{ratio(figures.get('throughput_vs_ours_eager'))} | {achieved(figures)} |")
+        training = result.get("training")
+        if training is None:
+            continue
+        if "error" in training:
+            lines.append(f"| {name} | training | failed: {training['error'][:100]} | | | | |")
+            continue
+        lines.append(f"| {name} | training | – | – | {training['throughput']:.1f} | "
+                     f"{ratio(training.get('throughput_vs_ours_training'))} | {achieved(training)} |")
+
+    mode_notes = {
+        "channels_last": "*channels_last*: eager in channels-last memory format",
+        "compile": f"*compile*: `torch.compile` with backend `{settings['compile_backend']}`, static shapes",
+        "onnxruntime": "*onnxruntime*: the `export_onnx.py` export (dynamic batch, height and width) on ONNX Runtime's "
+                       "CPU execution provider",
+        "training": f"*training*: forward, backward and AdamW step at batch {batch}, BCE + Dice loss",
+    }
+    models = "; ".join(
+        f"{r['model']}: {r['description']}, {r['params_m']:.1f} M parameters, {r['flops_per_image'] / 1e9:.2f} GFLOPs "
+        "per image" + (f" ({r['train_flops_per_image'] / 1e9:.2f} per training image, taken as 3x the forward)"
+                       if "train_flops_per_image" in r else "")
+        for r in report["results"])
+    notes = [
+        f"{res}x{res} random fp32 inputs, the same for every model; {threads} thread(s) for PyTorch and ONNX Runtime; "
+        f"medians of {settings['repeats']} runs after {settings['warmup']} warm-up runs. Ratios are to this model's "
+        "eager figure (training: to its training figure); latency ratios below 1 and throughput ratios above 1 are "
+        "faster. " + "; ".join(text for mode, text in mode_notes.items() if mode not in settings["skip"]) + ".",
+        f"Models (random weights): {models}. FLOPs from `torch.utils.flop_counter.FlopCounterMode`, a multiply-add "
+        "counted as 2; GFLOP/s is FLOPs per image x images/s (batch {batch} figure).".replace("{batch}", str(batch)),
+        f"Machine: {cpu['model_name']}, {cpu['available_cpus']} CPU(s); torch {report['versions']['torch']}, "
+        f"onnxruntime {report['versions'].get('onnxruntime', '–')}.",
+    ]
+    if cpu["peak_gflops"]:
+        notes.append(f"fp32 peak of {threads} core(s): {threads} x {cpu['ghz']:.2f} GHz ({cpu['clock_source']}) x "
+                     f"{cpu['fp32_flops_per_cycle_per_core']} FLOP/cycle = {cpu['peak_gflops']:.0f} GFLOP/s, with "
+                     f"{cpu['derivation']}.")
+    notes.extend(f"Note: {note}" for note in report["notes"])
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
+
+
+def check_readme_markers(path: Path, fail: Callable[[str], None]) -> None:
+    if not path.is_file():
+        fail(f"--update_readme: {path} does not exist")
+    text = path.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1 or text.index(README_START) > text.index(README_END):
+        fail(f"--update_readme: {path} must contain exactly one {README_START} followed by one {README_END}; "
+             "the file was left unchanged")
+
+
+def update_readme(path: Path, table: str, command: str) -> None:
+    text = path.read_text()
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    block = f"{README_START}\n{table}\n\nMeasured with:\n\n```bash\n{command}\n```\n{README_END}"
+    path.write_text(head + block + tail)
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    command = " ".join(["python benchmarks/bench_cpu.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randn(args.batch_size, 3, args.resolution, args.resolution, generator=generator)
+    labels = (torch.rand(args.batch_size, 1, args.resolution, args.resolution, generator=generator) > 0.7).float()
+
+    cpu = cpu_info()
+    cpu["peak_gflops"] = peak_gflops(cpu, min(args.threads, cpu["available_cpus"]))
+    notes = []
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        notes.append(f"the 1-minute load average was {load:.1f} when the benchmark started: other processes were "
+                     "using the CPU, so these figures understate the machine.")
+        print(f"warning: {notes[-1]}", file=sys.stderr)
+
+    torch.manual_seed(args.seed)
+    model, description, loss_fn = build_ours(args)
+    # (name, description, model, is this model, export to a path for ONNX Runtime)
+    models = [(OURS, description, model, True, lambda path, m=model: export_model(m, path))]
+    for peer, builder in (("smp", build_smp), ("monai", build_monai)):
+        if peer in args.skip:
+            continue
+        try:
+            torch.manual_seed(args.seed)
+            peer_model, peer_description = builder(args)
+        except ImportError as error:
+            notes.append(f"{PEER_NAMES[peer]} skipped: {error.name} is not installed "
+                         "(`pip install -r requirements-bench.txt`).")
+            print(f"warning: {notes[-1]}", file=sys.stderr)
+            continue
+        example = inputs[:2].clone()
+
+        def export(path, m=peer_model, x=example):
+            return export_to_onnx(m, x, path, ["logits"], dynamic_axes=DYNAMIC_AXES)
+
+        models.append((PEER_NAMES[peer], peer_description, peer_model, False, export))
+
+    results = []
+    for name, description, model, ours, export in models:
+        print(f"Benchmarking {name}: {description}", flush=True)
+        result = benchmark_model(name, model.float().eval(), loss_fn, args, inputs, labels, export, ours)
+        result["description"] = description
+        results.append(result)
+    add_ratios(results, cpu["peak_gflops"])
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for module_name in ("onnxruntime", "timm", "transformers", "segmentation_models_pytorch", "monai"):
+        if module_name in sys.modules:
+            versions[module_name] = sys.modules[module_name].__version__
+    report = {
+        "command": command,
+        "settings": {key: value for key, value in vars(args).items() if key not in ("output_json", "update_readme")},
+        "machine": {**cpu, "load_average_1min": load},
+        "versions": versions,
+        "notes": notes,
+        "results": results,
+    }
+    table = markdown_table(report)
+    print("\n" + table)
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nWrote {args.output_json}")
+    if args.update_readme:
+        update_readme(Path(args.update_readme), table, command)
+        print(f"Updated the performance section of {args.update_readme}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Evaluates a saved Attention U-Net on a split of Kvasir-SEG (or any folder or Hub copy laid out like it).
+
+    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
+
+Prints the seed card's table (Dice, IoU, F1, precision, recall, accuracy, loss), both as the mean over images (the
+polyp literature's mDice / mIoU) and pooled over all pixels. Images and masks are resized to `--resolution` exactly as
+training validates them. The JSON holds the figures, per-image scores, the weights' sha256 and revision, the split's
+file-list hash and the command, so a model card can be generated from it.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel
+from transformers.utils import cached_file
+from transformers.utils.hub import extract_commit_hash
+
+from segmentation_data import DataError, PolypSegmentationDataset, decode_samples, load_splits
+from segmentation_metrics import METRIC_NAMES, confusion_counts, format_table, metrics_from_counts, summarize
+
+DEFAULT_DATASET = "kowndinya23/Kvasir-SEG"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="A saved model folder or a Hub model id.")
+    parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
+    parser.add_argument("--dataset_name", default=DEFAULT_DATASET,
+                        help="A Hub dataset id, or a local folder with images/, masks/ and splits/.")
+    parser.add_argument("--image_column_name", default=None)
+    parser.add_argument("--label_column_name", default=None)
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--tta", action="store_true", help="Average the logits of the input and its flips.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output_json", default=None)
+    return parser.parse_args(argv)
+
+
+def predict_logits(model, pixel_values: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """`(B, 3, H, W)` -> `(B, 1, H, W)` logits; with `tta`, the mean over the input and its horizontal, vertical and
+    double flips (each prediction flipped back)."""
+    if not tta:
+        return model(pixel_values=pixel_values).logits
+    flips = [(), (-1,), (-2,), (-2, -1)]
+    logits = [model(pixel_values=pixel_values.flip(dims) if dims else pixel_values).logits for dims in flips]
+    return torch.stack([lg.flip(dims) if dims else lg for lg, dims in zip(logits, flips)]).mean(0)
+
+
+def weights_provenance(model_id: str, revision: str | None) -> dict:
+    """sha256 of the `model.safetensors` that was evaluated and, for a Hub model, the commit it came from."""
+    path = cached_file(model_id, "model.safetensors", revision=revision)
+    digest = hashlib.sha256()
+    with open(path, "rb") as weights:
+        for chunk in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"weights_sha256": digest.hexdigest(), "revision": None if Path(model_id).is_dir() else extract_commit_hash(path, None)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    model = AutoModel.from_pretrained(args.model, revision=args.revision, trust_remote_code=True, use_safetensors=True)
+    model.to(args.device).eval()
+    processor = AutoImageProcessor.from_pretrained(args.model, revision=args.revision, trust_remote_code=True)
+    threshold = model.config.threshold
+
+    splits, _ = load_splits(args.dataset_name, args.image_column_name, args.label_column_name)
+    samples = splits[args.split][: args.max_eval_samples] if args.max_eval_samples else splits[args.split]
+    names, images, masks, problems = decode_samples(samples, args.resolution)
+    if problems:
+        raise DataError(f"{len(problems)} unusable sample(s) in the {args.split} split:\n  " + "\n  ".join(problems))
+    dataset = PolypSegmentationDataset(names, images, masks, processor.image_mean, processor.image_std)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size)
+
+    counts, loss_sum = [], 0.0
+    with torch.inference_mode():
+        for batch in tqdm(dataloader, desc=f"{args.split} ({len(dataset)} images)"):
+            pixel_values, labels = batch["pixel_values"].to(args.device), batch["labels"].to(args.device)[:, None]
+            logits = predict_logits(model, pixel_values, args.tta)
+            counts.append(confusion_counts(logits.float().sigmoid() > threshold, labels).cpu())
+            loss_sum += model.compute_loss(logits, labels).item() * len(labels)
+    counts = torch.cat(counts)
+    summary = summarize(counts)
+    loss = loss_sum / len(dataset)
+    per_image = metrics_from_counts(counts)
+
+    print(f"\n{args.model} on the {args.split} split of {args.dataset_name} ({len(dataset)} images, "
+          f"{args.resolution}x{args.resolution}{', flip TTA' if args.tta else ''}):\n")
+    print(format_table(summary, loss))
+    result = {
+        "model": args.model,
+        **weights_provenance(args.model, args.revision),
+        "dataset_name": args.dataset_name,
+        "split": args.split,
+        "split_sha256": hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest(),
+        "num_images": len(dataset),
+        "resolution": args.resolution,
+        "threshold": threshold,
+        "tta": args.tta,
+        "metrics": summary,
+        "loss": loss,
+        "per_image": [
+            {"name": name, **{metric: per_image[metric][i].item() for metric in METRIC_NAMES}}
+            for i, name in enumerate(names)
+        ],
+        "command": " ".join(["python evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nWrote {args.output_json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

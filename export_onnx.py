@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Exports an Attention U-Net to ONNX with a dynamic batch size, height and width, then checks the export against
+PyTorch with ONNX Runtime.
+
+    python export_onnx.py --model . --output model.onnx
+    python export_onnx.py --model . --output model.onnx --check_images frame1.jpg frame2.png --atol 1e-4
+
+The graph takes normalised `pixel_values` `(batch, 3, height, width)` (as `AttentionUNetImageProcessor` makes them, at
+any height and width: the model's padding to a multiple of its total stride is part of the graph) and returns `logits`
+`(batch, 1, height, width)` and one `attention_<i>` gate coefficient map `(batch, 1, h_i, w_i)` per skip connection,
+coarsest first. The model's threshold and labels are stored in the ONNX metadata, where `predict.py --onnx` reads them.
+
+The check runs the check images (by default two Kvasir-SEG frames, else random inputs) through both runtimes at the
+processor's size and at a size that is not a multiple of 32, at batch sizes 1 and N, and prints the largest absolute
+logit difference; the script exits with status 1 if it exceeds `--atol`.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent
+# The dynamo exporter's ONNX functions (torchlib) are written for opset 18; other opsets go through a version converter.
+DEFAULT_OPSET = 18
+# Deliberately not multiples of 32, so that the traced graph keeps the model's padding as a computation on the input
+# shape; batch 2 so that the batch dimension is not specialised as 1.
+EXAMPLE_SHAPE = (2, 3, 250, 330)
+CHECK_SIZES = ("256x256", "233x311")
+DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="A saved model folder or a Hub model id.")
+    parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
+    parser.add_argument("--output", default="model.onnx", help="Path of the ONNX file to write.")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}, the one the dynamo exporter's functions target).")
+    parser.add_argument("--check_images", nargs="+", default=None,
+                        help="Images to compare ONNX Runtime and PyTorch on (default: two Kvasir-SEG frames from "
+                             "$KVASIR_SEG_DIR or ../shared/data/kvasir-seg, else random inputs).")
+    parser.add_argument("--check_sizes", nargs="+", default=list(CHECK_SIZES), metavar="HxW",
+                        help="Input sizes of the check (default: %(default)s).")
+    parser.add_argument("--atol", type=float, default=1e-3,
+                        help="Largest absolute logit difference the check accepts (default: %(default)s).")
+    parser.add_argument("--skip_check", action="store_true", help="Only export.")
+    return parser.parse_args(argv)
+
+
+class OnnxExportWrapper(nn.Module):
+    """`pixel_values` -> `(logits, attention_0, ..., attention_{n-1})`, the flat outputs an ONNX graph needs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model(pixel_values=pixel_values, output_attentions=True, return_dict=True)
+        return (outputs.logits, *outputs.attentions)
+
+
+def export_to_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    output: str | os.PathLike,
+    output_names: list[str],
+    opset: int = DEFAULT_OPSET,
+    dynamic_axes: dict[int, str] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Exports `module(pixel_values)` with the dynamo exporter (`torch.export`) to one self-contained ONNX file.
+
+    `dynamic_axes` maps the input's dynamic dimensions to names (default: batch, height and width); `metadata` goes
+    into the file's `metadata_props`.
+    """
+    module = module.eval()
+    dynamic_axes = DYNAMIC_AXES if dynamic_axes is None else dynamic_axes
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=output_names,
+            # Names (rather than `Dim`s) become `Dim.DYNAMIC` and name the ONNX graph's input dimensions. A tuple, as
+            # the module's own argument may have another name than `pixel_values`.
+            dynamic_shapes=(dict(dynamic_axes),),
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    for key, value in (metadata or {}).items():
+        program.model.metadata_props[key] = value
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    program.save(output, external_data=False)
+    return output
+
+
+def export_model(model, output: str | os.PathLike, opset: int = DEFAULT_OPSET, source: str | None = None) -> Path:
+    """Exports an `AttentionUNetForSemanticSegmentation` (logits and gate maps, dynamic batch, height and width)."""
+    model = model.eval().float().cpu()
+    example = torch.randn(*EXAMPLE_SHAPE[:1], model.config.num_channels, *EXAMPLE_SHAPE[2:])
+    with torch.no_grad():
+        num_gates = len(model(pixel_values=example[:1], output_attentions=True).attentions)
+    metadata = {
+        "threshold": str(model.config.threshold),
+        "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
+        "image_size": str(model.config.image_size),
+        "num_attention_maps": str(num_gates),
+        "source_model": str(source or model.config.name_or_path or ""),
+    }
+    output_names = ["logits"] + [f"attention_{i}" for i in range(num_gates)]
+    return export_to_onnx(OnnxExportWrapper(model), example, output, output_names, opset, metadata=metadata)
+
+
+def default_check_images(count: int = 2) -> list[Path]:
+    root = Path(os.environ.get("KVASIR_SEG_DIR", REPO_ROOT.parent / "shared" / "data" / "kvasir-seg"))
+    return sorted((root / "images").glob("*.jpg"))[:count]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"error: sizes are given as HEIGHTxWIDTH, got {text!r}") from None
+    return height, width
+
+
+def load_processor(model_id: str, revision: str | None = None):
+    """The model's image processor, or the repository's own when the model folder has none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_id, revision=revision, trust_remote_code=True)
+    except (OSError, ValueError):
+        return AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+
+
+def check_export(onnx_path, model, processor, images: list, sizes: list[tuple[int, int]]) -> dict[str, float]:
+    """Largest absolute difference between ONNX Runtime and PyTorch, over `sizes` and batch sizes 1 and
+    `len(images)`, for the logits and for the attention maps. `images` are arrays or PIL images; `None` entries are
+    replaced by random inputs."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    wrapper = OnnxExportWrapper(model).eval()
+    worst = {"logits": 0.0, "attentions": 0.0}
+    for height, width in sizes:
+        if images:
+            pixel_values = processor(images=images, size={"height": height, "width": width},
+                                     return_tensors="pt")["pixel_values"]
+        else:
+            pixel_values = torch.randn(2, model.config.num_channels, height, width, generator=torch.Generator().manual_seed(0))
+        for batch in sorted({1, len(pixel_values)}):
+            inputs = pixel_values[:batch].contiguous()
+            with torch.no_grad():
+                expected = wrapper(inputs)
+            actual = session.run(None, {"pixel_values": inputs.numpy()})
+            if len(actual) != len(expected):
+                raise RuntimeError(f"The ONNX graph has {len(actual)} outputs, PyTorch gives {len(expected)}.")
+            for index, (ours, reference) in enumerate(zip(actual, expected)):
+                if ours.shape != tuple(reference.shape):
+                    raise RuntimeError(f"Output {index} is {ours.shape} in ONNX Runtime, {tuple(reference.shape)} in "
+                                       f"PyTorch, for input {tuple(inputs.shape)}.")
+                key = "logits" if index == 0 else "attentions"
+                worst[key] = max(worst[key], float(np.abs(ours - reference.numpy()).max()))
+            print(f"  input {tuple(inputs.shape)}: max |logits difference| so far {worst['logits']:.3g}")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import onnx
+    from PIL import Image
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(args.model, revision=args.revision, trust_remote_code=True, use_safetensors=True)
+    model.eval()
+    print(f"Exporting {args.model} to {args.output} (opset {args.opset}, dynamic batch, height and width)...")
+    output = export_model(model, args.output, args.opset, source=args.model)
+    onnx.checker.check_model(str(output))
+    print(f"Wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    if args.skip_check:
+        return 0
+
+    processor = load_processor(args.model, args.revision)
+    image_paths = args.check_images if args.check_images is not None else default_check_images()
+    images = []
+    for path in image_paths:
+        with Image.open(path) as image:
+            image.load()
+            images.append(image.copy())
+    sizes = [parse_size(size) for size in args.check_sizes]
+    source = f"{len(images)} image(s)" if images else "random inputs (no check images found)"
+    print(f"Checking ONNX Runtime against PyTorch on {source} at {', '.join(args.check_sizes)}:")
+    worst = check_export(output, model, processor, images, sizes)
+    verdict = "OK" if worst["logits"] <= args.atol else "FAILED"
+    print(f"max abs logit difference: {worst['logits']:.3g} (attention maps: {worst['attentions']:.3g}); "
+          f"atol {args.atol:g}: {verdict}")
+    return 0 if verdict == "OK" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Segments polyps in images with an Attention U-Net and writes, for every image and at its original size, a binary
+mask and an overlay (and, on request, one heat map per attention gate).
+
+    python predict.py frames/ extra/*.png one.tif --model . --output_dir predictions
+    python predict.py frames/ --model . --output_dir predictions --tta --attention_maps
+    python predict.py frames/ --onnx model.onnx --output_dir predictions
+
+For an input `frame.jpg` the outputs are `frame_mask.png` (0 background, 255 polyp), `frame_overlay.png` (the mask's
+outline and a translucent fill over the frame) and, with `--attention_maps`, `frame_attention_<i>.png` per gate,
+coarsest first. INPUT may be files, folders (their JPEG, PNG and TIFF files) or glob patterns; grayscale, RGBA and
+16-bit images are converted to RGB and EXIF orientation is applied. Files that cannot be read are reported on stderr
+and skipped; the exit status is then 1.
+"""
+
+import argparse
+import glob
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageFilter
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from evaluate import predict_logits
+from image_processing_attention_unet import to_rgb_uint8
+
+REPO_ROOT = Path(__file__).resolve().parent
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
+OVERLAY_COLOR = np.array([0, 255, 0], dtype=np.float32)
+OVERLAY_ALPHA = 0.35
+HEATMAP_COLORMAP = "jet"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files, folders or glob patterns.")
+    parser.add_argument("--model", default=None,
+                        help="A saved model folder or a Hub model id. With --onnx, only its image processor is used "
+                             "(default then: this repository's).")
+    parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
+    parser.add_argument("--output_dir", required=True, help="Folder for the masks, overlays and attention maps.")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="Foreground probability cut-off (default: the model's `config.threshold`).")
+    parser.add_argument("--tta", action="store_true", help="Average the logits of the image and its flips.")
+    parser.add_argument("--attention_maps", action="store_true",
+                        help="Also write each attention gate's coefficient map as a heat map.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="Run the PyTorch model in channels-last memory format (faster on most CPUs).")
+    parser.add_argument("--onnx", default=None, metavar="MODEL.onnx",
+                        help="Run this export (see export_onnx.py) with ONNX Runtime on CPU instead of PyTorch.")
+    args = parser.parse_args(argv)
+    if args.model is None and args.onnx is None:
+        parser.error("give --model, or --onnx (with --model for a processor other than this repository's)")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        parser.error("--threshold must lie in (0, 1)")
+    if args.onnx is not None and args.channels_last:
+        parser.error("--channels_last applies to the PyTorch model, not to --onnx")
+    return args
+
+
+def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Expands files, folders and glob patterns into a sorted, duplicate-free list of files, and the inputs that
+    matched nothing."""
+    paths, missing = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found = [path]  # named explicitly: tried whatever its extension
+        else:
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        if not found:
+            missing.append(item)
+        paths.extend(found)
+    unique = list(dict.fromkeys(p.resolve() for p in paths))
+    return unique, missing
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """Each file's stem; files sharing a stem (`a/x.jpg`, `b/x.png`) get `x`, `x-2`, `x-3`, ..."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        count = seen.get(path.stem, 0) + 1
+        seen[path.stem] = count
+        stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
+    return stems
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """The image as `(H, W, 3)` uint8 in display orientation (EXIF applied; any mode or bit depth)."""
+    with PIL.Image.open(path) as image:
+        image.load()  # decodes now, so that truncated files fail here
+        return to_rgb_uint8(image)
+
+
+class OnnxSegmenter:
+    """An ONNX Runtime session called like the PyTorch model: `(pixel_values=..., output_attentions=...)` ->
+    `SemanticSegmenterOutput`, so that `predict_logits` (flip TTA) works on it unchanged."""
+
+    def __init__(self, path: str):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.output_names = [output.name for output in self.session.get_outputs()]
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        if "logits" not in self.output_names:
+            raise ValueError(f"{path} has no `logits` output; export it with export_onnx.py.")
+
+    @property
+    def threshold(self) -> float | None:
+        return float(self.metadata["threshold"]) if "threshold" in self.metadata else None
+
+    def __call__(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> SemanticSegmenterOutput:
+        names = self.output_names if output_attentions else ["logits"]
+        outputs = dict(zip(names, self.session.run(names, {"pixel_values": pixel_values.cpu().numpy()})))
+        attentions = None
+        if output_attentions:
+            attentions = tuple(torch.from_numpy(outputs[name]) for name in self.output_names if name != "logits")
+            if not attentions:
+                raise ValueError("This ONNX export has no attention map outputs; re-export it with export_onnx.py.")
+        return SemanticSegmenterOutput(logits=torch.from_numpy(outputs["logits"]), attentions=attentions)
+
+
+def load_segmenter(args: argparse.Namespace):
+    """The model (PyTorch or ONNX Runtime), its image processor and its default threshold."""
+    processor = AutoImageProcessor.from_pretrained(args.model or REPO_ROOT, revision=args.revision,
+                                                   trust_remote_code=True)
+    if args.onnx is not None:
+        segmenter = OnnxSegmenter(args.onnx)
+        threshold = segmenter.threshold if segmenter.threshold is not None else processor.threshold
+        return segmenter, processor, threshold
+    model = AutoModel.from_pretrained(args.model, revision=args.revision, trust_remote_code=True, use_safetensors=True)
+    model.to(args.device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, processor, model.config.threshold
+
+
+def iterate_batches(paths: list[Path], stems: list[str], batch_size: int) -> Iterator[tuple[list, list[str]]]:
+    """Yields `[(stem, rgb array), ...]` per batch and the names of the files that failed to load."""
+    for start in range(0, len(paths), batch_size):
+        loaded, failed = [], []
+        for path, stem in zip(paths[start : start + batch_size], stems[start : start + batch_size]):
+            try:
+                loaded.append((stem, load_rgb(path)))
+            except Exception as error:  # noqa: BLE001 - any decoding failure skips the file
+                failed.append(f"{path}: {type(error).__name__}: {error}")
+        yield loaded, failed
+
+
+def overlay_mask(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The frame with the mask filled translucently and outlined (a line about 0.5% of the image's side)."""
+    overlay = frame.astype(np.float32)
+    overlay[mask] = (1.0 - OVERLAY_ALPHA) * overlay[mask] + OVERLAY_ALPHA * OVERLAY_COLOR
+    thickness = max(1, round(min(mask.shape) / 200))
+    eroded = PIL.Image.fromarray(mask.astype(np.uint8) * 255).filter(PIL.ImageFilter.MinFilter(2 * thickness + 1))
+    outline = mask & ~(np.asarray(eroded) > 0)
+    overlay[outline] = OVERLAY_COLOR
+    return overlay.round().astype(np.uint8)
+
+
+def heat_map(coefficients: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A `(1, h, w)` gate map in [0, 1], resized to `size`, as an RGB uint8 heat map on a fixed [0, 1] scale."""
+    import matplotlib
+
+    resized = F.interpolate(coefficients[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    colors = matplotlib.colormaps[HEATMAP_COLORMAP](resized.clamp(0, 1).numpy())[..., :3]
+    return (colors * 255).round().astype(np.uint8)
+
+
+def run_batch(segmenter, processor, frames: list[np.ndarray], args, threshold: float):
+    """`frames` -> their masks at the original size, and each gate's maps `(B, 1, h, w)` if requested."""
+    pixel_values = processor(images=frames, return_tensors="pt")["pixel_values"]
+    if args.onnx is None:
+        pixel_values = pixel_values.to(args.device)
+        if args.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+    attentions = None
+    if args.attention_maps:
+        # The gates' maps are those of the image as given (not of its flips).
+        outputs = segmenter(pixel_values=pixel_values, output_attentions=True)
+        attentions = [gate.cpu() for gate in outputs.attentions]
+        logits = predict_logits(segmenter, pixel_values, tta=True) if args.tta else outputs.logits
+    else:
+        logits = predict_logits(segmenter, pixel_values, tta=args.tta)
+    masks = processor.post_process_semantic_segmentation(
+        SemanticSegmenterOutput(logits=logits.cpu()),
+        target_sizes=[frame.shape[:2] for frame in frames],
+        threshold=threshold,
+    )
+    return masks, attentions
+
+
+def save_outputs(output_dir: Path, stem: str, frame: np.ndarray, mask: torch.Tensor, gate_maps: list | None) -> None:
+    mask = mask.numpy().astype(bool)
+    PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(output_dir / f"{stem}_mask.png")
+    PIL.Image.fromarray(overlay_mask(frame, mask)).save(output_dir / f"{stem}_overlay.png")
+    for index, gate_map in enumerate(gate_maps or []):
+        PIL.Image.fromarray(heat_map(gate_map, frame.shape[:2])).save(output_dir / f"{stem}_attention_{index}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths, missing = collect_inputs(args.inputs)
+    for item in missing:
+        print(f"error: {item}: no such file, or no image in it", file=sys.stderr)
+    if not paths:
+        return 1
+    segmenter, processor, default_threshold = load_segmenter(args)
+    threshold = default_threshold if args.threshold is None else args.threshold
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    failed, written = list(missing), 0
+    progress = tqdm(total=len(paths), unit="image", desc="Segmenting")
+    with torch.inference_mode():
+        for batch, batch_failures in iterate_batches(paths, output_stems(paths), args.batch_size):
+            for failure in batch_failures:
+                tqdm.write(f"error: cannot read {failure}", file=sys.stderr)
+            failed.extend(batch_failures)
+            if batch:
+                frames = [frame for _, frame in batch]
+                masks, attentions = run_batch(segmenter, processor, frames, args, threshold)
+                for index, ((stem, frame), mask) in enumerate(zip(batch, masks)):
+                    gate_maps = [gate[index] for gate in attentions] if attentions is not None else None
+                    save_outputs(output_dir, stem, frame, mask, gate_maps)
+                written += len(batch)
+            progress.update(len(batch) + len(batch_failures))
+    progress.close()
+
+    print(f"Wrote the predictions for {written} image(s) to {output_dir}"
+          f" (threshold {threshold:g}{', flip TTA' if args.tta else ''}{', ONNX Runtime' if args.onnx else ''}).")
+    if failed:
+        print(f"{len(failed)} input(s) failed, see above.", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared fixtures. The Kvasir-SEG copy is found through `KVASIR_SEG_DIR` (default `../shared/data/kvasir-seg` beside
+the repository); tests that need it skip without it, except under CI (`CI=true`), where its absence fails them."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KVASIR_SEG_DIR = Path(os.environ.get("KVASIR_SEG_DIR", REPO_ROOT.parent / "shared" / "data" / "kvasir-seg"))
+# A small timm encoder keeps most tests fast; tests marked for the default architecture use `convnext_tiny`.
+TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def kvasir_root() -> Path:
+    if not (KVASIR_SEG_DIR / "images").is_dir():
+        message = f"Kvasir-SEG not found at {KVASIR_SEG_DIR} (set KVASIR_SEG_DIR)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + ": CI must have it.")
+        pytest.skip(message)
+    return KVASIR_SEG_DIR
+
+
+@pytest.fixture(scope="session")
+def test_split_names(kvasir_root) -> list[str]:
+    return (kvasir_root / "splits" / "test.txt").read_text().split()
+
+
+def make_config(**overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(REPO_ROOT, trust_remote_code=True, **overrides)
+
+
+def make_model(seed: int = 0, **overrides):
+    import torch
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    return AutoModel.from_config(make_config(**overrides), trust_remote_code=True).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny model saved as a Hub repository folder (weights, config, code, processor)."""
+    from transformers import AutoImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    make_model(**TINY_OVERRIDES).save_pretrained(folder)
+    AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True).save_pretrained(folder)
+    return folder

@@ -1,0 +1,67 @@
+"""benchmarks/bench_cpu.py --tiny runs end to end, writes its JSON and its README section (figures not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+MARKERS = ("<!-- performance:start -->", "<!-- performance:end -->")
+README = f"# Model\n\n## Performance\n\n{MARKERS[0]}\nold figures\n{MARKERS[1]}\n\n## Citation\n"
+
+
+def run_bench(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "benchmarks/bench_cpu.py", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_benchmark_writes_json_and_readme(tmp_path):
+    output_json, readme = tmp_path / "bench.json", tmp_path / "README.md"
+    readme.write_text(README)
+    result = run_bench("--tiny", "--resolution", "32", "--batch_size", "2", "--repeats", "2", "--warmup", "1",
+                       "--threads", "1", "--compile_backend", "eager",
+                       "--output_json", output_json, "--update_readme", readme)
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+
+    report = json.loads(output_json.read_text())
+    assert report["settings"]["tiny"] and report["settings"]["resolution"] == 32
+    assert report["machine"]["fp32_flops_per_cycle_per_core"] > 0
+    results = {entry["model"]: entry for entry in report["results"]}
+    ours = report["results"][0]
+    assert ours["model"].startswith("Attention U-Net")
+    assert ours["flops_per_image"] > 0
+    installed = [name for name, module in (("smp Unet", "segmentation_models_pytorch"),
+                                           ("MONAI AttentionUnet", "monai")) if _importable(module)]
+    assert set(results) == {ours["model"], *installed}
+    for entry in report["results"]:
+        assert set(entry["variants"]) == {"eager", "channels_last", "compile", "onnxruntime"}
+        for variant, figures in entry["variants"].items():
+            assert "error" not in figures, (entry["model"], variant, figures.get("error"))
+            assert figures["latency_ms"] > 0 and figures["throughput"] > 0
+            assert "throughput_vs_ours_eager" in figures and "gflops_per_second" in figures
+        assert entry["training"]["throughput"] > 0
+    assert ours["variants"]["eager"]["throughput_vs_ours_eager"] == 1.0
+
+    text = readme.read_text()
+    assert text.startswith("# Model\n\n## Performance\n\n") and text.endswith("\n\n## Citation\n")
+    section = text.split(MARKERS[0])[1].split(MARKERS[1])[0]
+    assert "old figures" not in section
+    assert "| Attention U-Net (ours) | eager |" in section
+    assert "python benchmarks/bench_cpu.py --tiny" in section
+
+
+def test_readme_without_markers_is_refused_and_left_alone(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Model\n\nNo performance section.\n")
+    result = run_bench("--tiny", "--update_readme", readme)
+    assert result.returncode != 0
+    assert "performance:start" in result.stderr
+    assert readme.read_text() == "# Model\n\nNo performance section.\n"
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -1,0 +1,127 @@
+"""export_onnx.py on the tiny model: ONNX Runtime matches PyTorch at several sizes and batch sizes, and predict.py
+gives the same masks through either."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+ATOL = 1e-3
+
+
+def run_script(*args) -> subprocess.CompletedProcess:
+    # One thread: the tiny model gains nothing from more, and OpenMP threads slow down badly on a busy machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def frames(kvasir_root):
+    return sorted((kvasir_root / "images").glob("*.jpg"))[:3]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, frames, tmp_path_factory):
+    """The tiny model with non-trivial BatchNorm statistics and its head rescaled so that the logits on real frames
+    have mean 0 and std 3: a fresh head's are ~1e-3, which would make a 1e-3 tolerance meaningless and the masks
+    constant."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(tiny_model_dir, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir, trust_remote_code=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+        pixel_values = processor(images=[PIL.Image.open(frame) for frame in frames], return_tensors="pt")
+        logits = model(**pixel_values).logits
+        scale = 3.0 / logits.std()
+        head = model.segmentation_head
+        head.weight.mul_(scale)
+        head.bias.copy_((head.bias - logits.mean()) * scale)
+    folder = tmp_path_factory.mktemp("tiny_scaled")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def export(model_dir, frames, tmp_path_factory):
+    onnx_path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    result = run_script("export_onnx.py", "--model", model_dir, "--output", onnx_path,
+                        "--check_images", *frames[:2])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return onnx_path, result
+
+
+def test_export_checks_itself_against_pytorch(export):
+    onnx_path, result = export
+    match = re.search(r"max abs logit difference: (\S+)", result.stdout)
+    assert match, result.stdout
+    assert float(match.group(1)) < ATOL
+    assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize("size", [(256, 256), (203, 297)], ids=["256x256", "203x297"])
+def test_parity_over_sizes_and_batch_sizes(export, model_dir, frames, size):
+    import onnxruntime as ort
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    session = ort.InferenceSession(str(export[0]), providers=["CPUExecutionProvider"])
+    images = [PIL.Image.open(frame) for frame in frames]
+    pixel_values = processor(images=images, size={"height": size[0], "width": size[1]},
+                             return_tensors="pt")["pixel_values"]
+    for batch in (1, 3):
+        inputs = pixel_values[:batch]
+        with torch.no_grad():
+            expected = model(pixel_values=inputs, output_attentions=True)
+        logits, *attentions = session.run(None, {"pixel_values": inputs.numpy()})
+        assert logits.shape == (batch, 1, *size)
+        assert expected.logits.std() > 0.5  # a real test of the tolerance
+        assert np.abs(logits - expected.logits.numpy()).max() < ATOL
+        assert len(attentions) == len(expected.attentions)
+        for ours, reference in zip(attentions, expected.attentions):
+            assert ours.shape == tuple(reference.shape)
+            assert np.abs(ours - reference.numpy()).max() < ATOL
+
+
+def test_metadata_carries_the_threshold(export, model_dir):
+    import onnx
+
+    metadata = {prop.key: prop.value for prop in onnx.load(str(export[0])).metadata_props}
+    config = json.loads((model_dir / "config.json").read_text())
+    assert float(metadata["threshold"]) == config["threshold"]
+    assert json.loads(metadata["id2label"]) == config["id2label"]
+
+
+def test_predict_onnx_gives_the_pytorch_masks(export, model_dir, frames, tmp_path):
+    frame = frames[0]
+    common = [frame, "--model", model_dir, "--attention_maps"]
+    torch_result = run_script("predict.py", *common, "--output_dir", tmp_path / "torch")
+    onnx_result = run_script("predict.py", *common, "--output_dir", tmp_path / "onnx", "--onnx", export[0])
+    assert torch_result.returncode == 0, torch_result.stderr
+    assert onnx_result.returncode == 0, onnx_result.stderr
+
+    torch_mask = np.asarray(PIL.Image.open(tmp_path / "torch" / f"{frame.stem}_mask.png"))
+    onnx_mask = np.asarray(PIL.Image.open(tmp_path / "onnx" / f"{frame.stem}_mask.png"))
+    assert torch_mask.shape == onnx_mask.shape == np.asarray(PIL.Image.open(frame)).shape[:2]
+    assert 0 < (torch_mask > 0).mean() < 1  # neither empty nor full, or the comparison would be vacuous
+    # Only a pixel whose probability lies within float error of the threshold may differ.
+    assert (torch_mask != onnx_mask).mean() <= 1e-4
+    for path in (tmp_path / "torch").glob("*_attention_*.png"):
+        ours = np.asarray(PIL.Image.open(tmp_path / "onnx" / path.name), dtype=int)
+        # A float-error change can move a pixel into the next of the colour map's 256 entries (<= 4 levels apart).
+        assert np.abs(ours - np.asarray(PIL.Image.open(path), dtype=int)).max() <= 5

@@ -1,0 +1,253 @@
+"""Training and evaluation: the split rule, augmentation, metrics, the loss going down, resume and multi-process runs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_OVERRIDES, make_model
+from safetensors.torch import load_file
+
+from segmentation_data import (
+    PolypSegmentationDataset,
+    binarize_mask,
+    decode_samples,
+    load_local_splits,
+    split_official_validation,
+    training_augmentation,
+)
+from segmentation_metrics import confusion_counts, metrics_from_counts, summarize
+
+TINY_CONFIG_OVERRIDES = "encoder_name={},decoder_channels={}".format(
+    TINY_OVERRIDES["encoder_name"], str(TINY_OVERRIDES["decoder_channels"]).replace(" ", "")
+)
+
+
+def test_split_rule_reproduces_the_shared_splits(kvasir_root):
+    splits = kvasir_root / "splits"
+    validation, test = split_official_validation((splits / "official_val.txt").read_text().split())
+    assert validation == (splits / "validation.txt").read_text().split()
+    assert test == (splits / "test.txt").read_text().split()
+    assert len(validation) == len(test) == 60 and not set(validation) & set(test)
+
+
+def test_local_folder_without_derived_split_files_uses_the_rule(kvasir_root, tmp_path):
+    (tmp_path / "splits").mkdir()
+    for name in ("images", "masks"):
+        (tmp_path / name).symlink_to(kvasir_root / name)
+    for name in ("official_train.txt", "official_val.txt"):
+        shutil.copy(kvasir_root / "splits" / name, tmp_path / "splits" / name)
+    derived, problems = load_local_splits(tmp_path)
+    shared, _ = load_local_splits(kvasir_root)
+    assert not problems
+    assert {split: len(samples) for split, samples in derived.items()} == {"train": 880, "validation": 60, "test": 60}
+    for split in derived:
+        assert sorted(s.name for s in derived[split]) == sorted(s.name for s in shared[split])
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    """A mask drawn into the image must still coincide with the mask after flips, rotation and jitter."""
+    mask = torch.zeros(96, 96, dtype=torch.bool)
+    mask[20:50, 30:80] = True
+    mask[60:90, 10:25] = True
+    image = torch.where(mask, 230, 20).to(torch.uint8).expand(3, -1, -1).clone()
+    dataset = PolypSegmentationDataset(["drawn"], [image], [mask], (0, 0, 0), (1, 1, 1), training_augmentation(), seed=1)
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        item = dataset[0]
+        drawn = item["pixel_values"].mean(0) > 0.5
+        labels = item["labels"].bool()
+        assert set(item["labels"].unique().tolist()) <= {0.0, 1.0}
+        iou = (drawn & labels).sum() / (drawn | labels).sum()
+        assert iou > 0.95, f"epoch {epoch}: image and mask drifted apart (IoU {iou:.3f})"
+
+
+def test_augmentation_is_reproducible_per_seed_epoch_and_index():
+    image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
+    mask = torch.rand(32, 32) > 0.5
+    dataset = PolypSegmentationDataset(["x"], [image], [mask], (0, 0, 0), (1, 1, 1), training_augmentation(), seed=3)
+    first = dataset[0]["pixel_values"]
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert torch.equal(dataset[0]["pixel_values"], first)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0]["pixel_values"], first)
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    ["zero_one", "zero_255", "rgb", "jpeg_noise"],
+)
+def test_mask_encodings_are_read_as_binary(encoding):
+    truth = np.zeros((8, 8), dtype=bool)
+    truth[2:6, 3:7] = True
+    mask = {
+        "zero_one": truth.astype(np.uint8),
+        "zero_255": truth.astype(np.uint8) * 255,
+        "rgb": np.repeat((truth.astype(np.uint8) * 255)[..., None], 3, axis=-1),
+        "jpeg_noise": np.where(truth, 250, 6).astype(np.uint8),
+    }[encoding]
+    np.testing.assert_array_equal(binarize_mask(mask), truth)
+
+
+def test_metrics_against_hand_computed_cases():
+    prediction = torch.zeros(4, 2, 2, dtype=torch.bool)
+    target = torch.zeros(4, 2, 2, dtype=torch.bool)
+    prediction[0, 0, :] = True  # tp=1, fp=1
+    target[0, 0, 0] = target[0, 1, 0] = True  # fn=1, tn=1
+    # image 1: no polyp and no prediction; image 2: a polyp entirely missed; image 3: a prediction with no polyp
+    target[2, 0, 0] = True
+    prediction[3, 1, 1] = True
+    counts = confusion_counts(prediction, target)
+    assert counts.tolist() == [[1, 1, 1, 1], [0, 0, 0, 4], [0, 0, 1, 3], [0, 1, 0, 3]]
+    scores = metrics_from_counts(counts)
+    assert scores["dice"].tolist() == pytest.approx([0.5, 1.0, 0.0, 0.0])
+    assert scores["iou"].tolist() == pytest.approx([1 / 3, 1.0, 0.0, 0.0])
+    assert scores["precision"].tolist() == pytest.approx([0.5, 1.0, 0.0, 0.0])
+    assert scores["recall"].tolist() == pytest.approx([0.5, 1.0, 0.0, 0.0])
+    assert scores["accuracy"].tolist() == pytest.approx([0.5, 1.0, 0.75, 0.75])
+    summary = summarize(counts)
+    assert summary["mean_dice"] == pytest.approx(1.5 / 4)
+    # Pooled: tp=1, fp=2, fn=2, tn=11 over all 16 pixels.
+    assert summary["pooled_dice"] == pytest.approx(2 / 6)
+    assert summary["pooled_accuracy"] == pytest.approx(12 / 16)
+
+
+def test_loss_decreases_on_a_fixed_batch(kvasir_root):
+    splits, _ = load_local_splits(kvasir_root)
+    names, images, masks, problems = decode_samples(splits["train"][:4], resolution=64)
+    assert not problems
+    dataset = PolypSegmentationDataset(names, images, masks, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
+    model = make_model(**TINY_OVERRIDES).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def run_training(output_dir: Path, kvasir_root: Path, *extra: str, launcher: list[str] | None = None,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [
+        *(launcher or [sys.executable]), str(REPO_ROOT / "train_accelerate.py"),
+        "--dataset_name", str(kvasir_root), "--output_dir", str(output_dir),
+        "--config_overrides", TINY_CONFIG_OVERRIDES, "--resolution", "64",
+        "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "4",
+        "--report_to", "none", "--seed", "7", *extra,
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoints = sorted((output_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return load_file(checkpoints[-1] / "model.safetensors")
+
+
+def assert_same_weights(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(kvasir_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    completed = run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "epoch")
+    return output_dir, completed
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run_with_step_checkpoints(kvasir_root, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("uninterrupted_steps")
+    run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "3")
+    return output_dir
+
+
+def test_training_run_writes_a_loadable_hub_folder_and_logs(uninterrupted_run):
+    output_dir, completed = uninterrupted_run
+    names = {p.name for p in output_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_attention_unet.py",
+            "configuration_attention_unet.py", "image_processing_attention_unet.py", "README.md"} <= names
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "eval_mean_dice", "eval_mean_iou", "eval_mean_f1", "eval_mean_precision",
+                "eval_mean_recall", "eval_mean_accuracy", "eval_loss", "eval_pooled_dice", "train_images_per_second"):
+        assert key in records[0]
+    # fp16 is the default recipe; without a GPU it must say it falls back.
+    assert "fp16 needs a GPU; training in fp32" in completed.stderr
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(output_dir, trust_remote_code=True)
+    assert model.config.encoder_name == "convnext_atto"
+
+
+def test_resume_after_epoch_one_ends_with_the_same_weights(uninterrupted_run, kvasir_root, tmp_path):
+    output_dir, _ = uninterrupted_run
+    after_epoch_one = output_dir / "checkpoints" / "checkpoint-4"
+    assert json.loads((after_epoch_one / "training_state.json").read_text())["epoch"] == 1
+    run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "epoch",
+                 "--resume_from_checkpoint", str(after_epoch_one))
+    assert_same_weights(final_weights(tmp_path), final_weights(output_dir))
+
+
+def test_checkpointing_frequency_does_not_change_training(uninterrupted_run, uninterrupted_run_with_step_checkpoints):
+    assert_same_weights(final_weights(uninterrupted_run_with_step_checkpoints), final_weights(uninterrupted_run[0]))
+
+
+def test_resume_mid_epoch_ends_with_the_same_weights(uninterrupted_run_with_step_checkpoints, kvasir_root, tmp_path):
+    output_dir = uninterrupted_run_with_step_checkpoints
+    mid_epoch = output_dir / "checkpoints" / "checkpoint-6"
+    state = json.loads((mid_epoch / "training_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
+    run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "3",
+                 "--resume_from_checkpoint", str(mid_epoch))
+    assert_same_weights(final_weights(tmp_path), final_weights(output_dir))
+
+
+def test_two_processes_end_with_identical_weights(kvasir_root, tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    completed = run_training(tmp_path, kvasir_root, "--num_train_epochs", "1", "--mixed_precision", "no",
+                             launcher=launcher, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert "Weights identical on all 2 process(es)" in completed.stderr
+    assert "2 process(es) on cpu" in completed.stderr
+
+
+def test_default_convnext_tiny_trains_one_step(kvasir_root, tmp_path):
+    command = [
+        sys.executable, str(REPO_ROOT / "train_accelerate.py"), "--dataset_name", str(kvasir_root),
+        "--output_dir", str(tmp_path), "--resolution", "64", "--max_train_samples", "4", "--max_eval_samples", "2",
+        "--per_device_train_batch_size", "2", "--max_train_steps", "1", "--report_to", "none",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert json.loads((tmp_path / "config.json").read_text())["encoder_name"] == "convnext_tiny"
+
+
+def test_evaluate_reports_both_aggregations_and_provenance(uninterrupted_run, kvasir_root, tmp_path):
+    output_dir, _ = uninterrupted_run
+    output_json = tmp_path / "eval.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", str(output_dir), "--dataset_name", str(kvasir_root),
+         "--split", "test", "--resolution", "64", "--max_eval_samples", "6", "--tta", "--output_json", str(output_json)],
+        capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "| metric | mean over images | pooled over pixels |" in completed.stdout
+    result = json.loads(output_json.read_text())
+    assert result["num_images"] == 6 and result["tta"] and len(result["per_image"]) == 6
+    assert len(result["weights_sha256"]) == 64 and len(result["split_sha256"]) == 64
+    mean_dice = sum(image["dice"] for image in result["per_image"]) / 6
+    assert result["metrics"]["mean_dice"] == pytest.approx(mean_dice)
