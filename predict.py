@@ -46,15 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default then: this repository's).")
     parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
     parser.add_argument("--output_dir", required=True, help="Folder for the masks, overlays and attention maps.")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per forward pass (default: %(default)s).")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="Foreground probability cut-off (default: the model's `config.threshold`).")
+                        help="Foreground probability cut-off (default: the model's `config.threshold`; with --onnx, "
+                             "the one export_onnx.py stored in the file).")
     parser.add_argument("--tta", action="store_true", help="Average the logits of the image and its flips.")
     parser.add_argument("--attention_maps", action="store_true",
                         help="Also write each attention gate's coefficient map as a heat map.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Device of the PyTorch model (default: %(default)s; --onnx always runs on the CPU).")
     parser.add_argument("--channels_last", action="store_true",
-                        help="Run the PyTorch model in channels-last memory format (faster on most CPUs).")
+                        help="Run the PyTorch model in channels-last memory format (whether that is faster on a CPU: "
+                             "see benchmarks/bench_cpu.py).")
     parser.add_argument("--onnx", default=None, metavar="MODEL.onnx",
                         help="Run this export (see export_onnx.py) with ONNX Runtime on CPU instead of PyTorch.")
     args = parser.parse_args(argv)

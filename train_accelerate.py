@@ -10,6 +10,8 @@ loadable Hub repository holding the best model by validation Dice.
 """
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -231,17 +233,54 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
 
 
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: dict) -> None:
-    """`accelerator.save_state` plus the loop's position, into a temporary folder renamed when complete."""
+def _is_disk_full(error: BaseException, folder: Path) -> bool:
+    # torch.save and safetensors report a full disk as RuntimeError / SafetensorError ("unexpected pos ...", "file
+    # write failed"), not as OSError(ENOSPC), so the free space is the reliable witness.
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def writing(target: Path, intact: str):
+    """Removes a half-written `target` on failure and turns a full disk into an error that says what is intact."""
+    try:
+        yield
+    except Exception as error:
+        disk_full = _is_disk_full(error, target.parent)
+        shutil.rmtree(target, ignore_errors=True)
+        if disk_full:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device while writing {target}; {intact} is intact. Free some space, then resume "
+                "with --resume_from_checkpoint latest.",
+            ) from error
+        raise
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: dict, model) -> None:
+    """`accelerator.save_state` plus the loop's position, into a temporary folder renamed when complete, so a kill
+    or a full disk never leaves a half-written checkpoint for `latest` to pick."""
+    if not all(torch.isfinite(p).all() for p in accelerator.unwrap_model(model).parameters()):
+        raise FloatingPointError(
+            f"Non-finite weights at optimiser step {state['completed_steps']}: not saving them. The last good "
+            f"checkpoint is {find_latest_checkpoint(args.output_dir)}. Lower --learning_rate or use fp32."
+        )
     folder = Path(args.output_dir) / "checkpoints"
     final = folder / f"{CHECKPOINT_PREFIX}{state['completed_steps']}"
     partial = folder / f"{final.name}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    with writing(partial, f"the previous checkpoint ({find_latest_checkpoint(args.output_dir)})"):
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
     if accelerator.is_main_process:
-        (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -298,11 +337,12 @@ def save_best_model(accelerator: Accelerator, model, processor, args, metrics: d
     output_dir = Path(args.output_dir)
     staging = output_dir / ".best_model.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(staging, safe_serialization=True, state_dict=accelerator.get_state_dict(model))
-    processor.save_pretrained(staging)
-    (staging / "README.md").write_text(render_run_card(args, metrics, run_config))
-    (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    with writing(staging, f"the previous best model in {output_dir}"):
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(staging, safe_serialization=True, state_dict=accelerator.get_state_dict(model))
+        processor.save_pretrained(staging)
+        (staging / "README.md").write_text(render_run_card(args, metrics, run_config))
+        (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
     for path in sorted(staging.iterdir(), key=lambda p: p.name == "model.safetensors"):
         os.replace(path, output_dir / path.name)
     staging.rmdir()
@@ -535,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_seen / (data_seconds + model_seconds):.2f}")
                 if checkpoint_every and state["completed_steps"] % checkpoint_every == 0:
-                    save_checkpoint(accelerator, args, {**state, "epoch": epoch, "step_in_epoch": step_in_epoch})
+                    save_checkpoint(accelerator, args, {**state, "epoch": epoch, "step_in_epoch": step_in_epoch}, model)
                 if state["completed_steps"] >= max_train_steps:
                     break
 
@@ -563,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
             state.update(best_dice=metrics["mean_dice"], best_epoch=epoch + 1)
             save_best_model(accelerator, model, processor, args, {"epoch": epoch + 1, "eval": metrics}, run_config)
         if args.checkpointing_steps == "epoch" or state["completed_steps"] >= max_train_steps:
-            save_checkpoint(accelerator, args, state)
+            save_checkpoint(accelerator, args, state, model)
         if pusher is not None and improved:
             pusher.push(f"epoch {epoch + 1}: validation mDice {metrics['mean_dice']:.4f}")
         if state["completed_steps"] >= max_train_steps:

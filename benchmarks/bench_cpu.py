@@ -154,7 +154,7 @@ def build_ours(args):
     else:
         config = AutoConfig.from_pretrained(REPO_ROOT, trust_remote_code=True, **(TINY_OVERRIDES if args.tiny else {}))
         model = AutoModel.from_config(config, trust_remote_code=True)
-        source = f"config.json{' with the tiny overrides' if args.tiny else ''}"
+        source = f"config.json{' with the tiny overrides' if args.tiny else ''}, random weights"
     loss_fn = sys.modules[type(model).__module__].attention_unet_loss
     description = f"{source} (encoder {model.config.encoder_name}, decoder {model.config.decoder_channels})"
     return model, description, loss_fn
@@ -165,8 +165,8 @@ def build_smp(args):
 
     if args.tiny:
         return smp.Unet("tu-convnext_atto", encoder_weights=None, classes=1, decoder_channels=(32, 16, 16, 8, 8)), \
-            'smp.Unet("tu-convnext_atto", decoder_channels=(32, 16, 16, 8, 8))'
-    return smp.Unet("tu-convnext_tiny", encoder_weights=None, classes=1), 'smp.Unet("tu-convnext_tiny")'
+            'smp.Unet("tu-convnext_atto", decoder_channels=(32, 16, 16, 8, 8)), random weights'
+    return smp.Unet("tu-convnext_tiny", encoder_weights=None, classes=1), 'smp.Unet("tu-convnext_tiny"), random weights'
 
 
 def build_monai(args):
@@ -174,7 +174,7 @@ def build_monai(args):
 
     channels = (4, 8, 16, 32, 64) if args.tiny else (16, 32, 64, 128, 256)
     model = AttentionUnet(spatial_dims=2, in_channels=3, out_channels=1, channels=channels, strides=(2, 2, 2, 2))
-    return model, f"monai AttentionUnet(channels={channels}, strides=(2, 2, 2, 2))"
+    return model, f"monai AttentionUnet(channels={channels}, strides=(2, 2, 2, 2)), random weights"
 
 
 # ------------------------------------------------------------------------------------------------------------ timing
@@ -246,9 +246,11 @@ def benchmark_model(name: str, model: nn.Module, loss_fn, args, inputs, labels, 
                 start = time.perf_counter()
                 run = make_runner(variant, module, args, export, Path(workdir))  # exports outside inference mode
                 figures["setup_seconds"] = time.perf_counter() - start
+                # torch.compile compiles on the first call of each shape: never inside the timed runs.
+                warmup = max(args.warmup, 1) if variant == "compile" else args.warmup
                 with torch.inference_mode():
-                    latency, latency_runs, warm = median_seconds(lambda: run(single), args.warmup, args.repeats)
-                    step, step_runs, warm_batch = median_seconds(lambda: run(batch), args.warmup, args.repeats)
+                    latency, latency_runs, warm = median_seconds(lambda: run(single), warmup, args.repeats)
+                    step, step_runs, warm_batch = median_seconds(lambda: run(batch), warmup, args.repeats)
             figures.update(latency_ms=latency * 1e3, latency_runs_ms=[t * 1e3 for t in latency_runs],
                            throughput=args.batch_size / step, batch_runs_ms=[t * 1e3 for t in step_runs],
                            warmup_seconds=warm + warm_batch)
@@ -356,7 +358,7 @@ def markdown_table(report: dict) -> str:
         f"medians of {settings['repeats']} runs after {settings['warmup']} warm-up runs. Ratios are to this model's "
         "eager figure (training: to its training figure); latency ratios below 1 and throughput ratios above 1 are "
         "faster. " + "; ".join(text for mode, text in mode_notes.items() if mode not in settings["skip"]) + ".",
-        f"Models (random weights): {models}. FLOPs from `torch.utils.flop_counter.FlopCounterMode`, a multiply-add "
+        f"Models: {models}. FLOPs from `torch.utils.flop_counter.FlopCounterMode`, a multiply-add "
         "counted as 2; GFLOP/s is FLOPs per image x images/s (batch {batch} figure).".replace("{batch}", str(batch)),
         f"Machine: {cpu['model_name']}, {cpu['available_cpus']} CPU(s); torch {report['versions']['torch']}, "
         f"onnxruntime {report['versions'].get('onnxruntime', '–')}.",
@@ -373,7 +375,9 @@ def check_readme_markers(path: Path, fail: Callable[[str], None]) -> None:
     if not path.is_file():
         fail(f"--update_readme: {path} does not exist")
     text = path.read_text()
-    if text.count(README_START) != 1 or text.count(README_END) != 1 or text.index(README_START) > text.index(README_END):
+    ordered = text.count(README_START) == 1 and text.count(README_END) == 1 and (
+        text.index(README_START) < text.index(README_END))
+    if not ordered:
         fail(f"--update_readme: {path} must contain exactly one {README_START} followed by one {README_END}; "
              "the file was left unchanged")
 

@@ -20,8 +20,10 @@ def run_bench(*args) -> subprocess.CompletedProcess:
 def test_tiny_benchmark_writes_json_and_readme(tmp_path):
     output_json, readme = tmp_path / "bench.json", tmp_path / "README.md"
     readme.write_text(README)
+    # ONNX Runtime is left out: exporting the three models would triple the test's time, and tests/test_onnx.py
+    # covers the export. The `eager` backend checks that torch.compile traces the models without Inductor's compiler.
     result = run_bench("--tiny", "--resolution", "32", "--batch_size", "2", "--repeats", "2", "--warmup", "1",
-                       "--threads", "1", "--compile_backend", "eager",
+                       "--threads", "1", "--compile_backend", "eager", "--skip", "onnxruntime",
                        "--output_json", output_json, "--update_readme", readme)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
 
@@ -36,7 +38,7 @@ def test_tiny_benchmark_writes_json_and_readme(tmp_path):
                                            ("MONAI AttentionUnet", "monai")) if _importable(module)]
     assert set(results) == {ours["model"], *installed}
     for entry in report["results"]:
-        assert set(entry["variants"]) == {"eager", "channels_last", "compile", "onnxruntime"}
+        assert set(entry["variants"]) == {"eager", "channels_last", "compile"}
         for variant, figures in entry["variants"].items():
             assert "error" not in figures, (entry["model"], variant, figures.get("error"))
             assert figures["latency_ms"] > 0 and figures["throughput"] > 0

@@ -1,0 +1,688 @@
+"""Safety: weights come only from safetensors, no pickle runs code on load or resume, the remote code imports only what
+it should and does no I/O at import, damaged weight files fail naming the file and tensor, and the image processor
+takes whatever image it is given.
+
+Tests marked `xfail(strict=True)` pin behaviour that needs a patch to `modeling_attention_unet.py` or
+`train_accelerate.py` first (see each reason); once it is applied they pass, and strict mode then asks for the marker
+to be removed.
+"""
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_OVERRIDES
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+REMOTE_CODE_FILES = ("configuration_attention_unet.py", "modeling_attention_unet.py", "image_processing_attention_unet.py")
+TINY_CONFIG_OVERRIDES = "encoder_name={},decoder_channels={}".format(
+    TINY_OVERRIDES["encoder_name"], str(TINY_OVERRIDES["decoder_channels"]).replace(" ", "")
+)
+DECODER_TENSOR = "decoder.blocks.1.conv1.conv.weight"
+PATCH_MODELING = ("needs the `_load_pretrained_model` override (`check_checkpoint_files`) in modeling_attention_unet.py: "
+                  "transformers 5.24 does not name the file/tensor, and loads a missing tensor as random weights")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Malicious pickles
+
+
+class Payload:
+    """Unpickling this calls `open(marker, "w")`, creating the marker file: proof that the pickle ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_malicious_pickle(path: Path, marker: Path, torch_format: bool = True) -> None:
+    if torch_format:  # a zip archive like a real `torch.save` checkpoint, the payload in place of a tensor
+        torch.save({DECODER_TENSOR: Payload(marker), "state": {0: Payload(marker)}}, path)
+    else:
+        path.write_bytes(pickle.dumps(Payload(marker), protocol=2))
+
+
+@pytest.fixture
+def marker(tmp_path) -> Path:
+    path = tmp_path / "PICKLE_RAN_CODE"
+    yield path
+    assert not path.exists(), "a planted pickle ran code"
+
+
+@pytest.fixture
+def pickle_only_model_dir(tiny_model_dir, tmp_path, marker) -> Path:
+    """A copy of the tiny model whose model.safetensors is replaced by a malicious pytorch_model.bin."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    write_malicious_pickle(folder / "pytorch_model.bin", marker)
+    return folder
+
+
+@pytest.mark.parametrize("torch_format", [True, False], ids=["torch_zip", "raw_pickle"])
+def test_the_payload_does_run_code_when_unpickled_unsafely(tmp_path, torch_format):
+    """Guards the tests below against passing vacuously: an unsafe load of the payload does create the marker."""
+    path, marker = tmp_path / "payload.bin", tmp_path / "marker"
+    write_malicious_pickle(path, marker, torch_format)
+    if torch_format:
+        torch.load(path, weights_only=False)
+    else:
+        pickle.loads(path.read_bytes())
+    assert marker.exists()
+
+
+def test_use_safetensors_refuses_a_folder_with_only_a_pickle(pickle_only_model_dir, marker):
+    from transformers import AutoModel
+
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModel.from_pretrained(pickle_only_model_dir, trust_remote_code=True, use_safetensors=True)
+    assert not marker.exists()
+
+
+def test_evaluate_refuses_a_folder_with_only_a_pickle(pickle_only_model_dir, marker, tmp_path):
+    spec = importlib.util.spec_from_file_location("attention_unet_evaluate", REPO_ROOT / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    with pytest.raises(OSError, match="model.safetensors"):
+        evaluate.main(["--model", str(pickle_only_model_dir), "--dataset_name", str(tmp_path / "never_read"),
+                       "--device", "cpu"])
+    assert not marker.exists()
+
+
+def test_every_script_loads_model_weights_with_use_safetensors():
+    """Each `AutoModel*.from_pretrained(...)` in the repository's scripts passes `use_safetensors=True`."""
+    offenders = []
+    for path in sorted(REPO_ROOT.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id.startswith("AutoModel")):
+                flag = {kw.arg: kw.value for kw in node.keywords}.get("use_safetensors")
+                if not (isinstance(flag, ast.Constant) and flag.value is True):
+                    offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, f"model loaded without use_safetensors=True at {offenders}"
+
+
+@pytest.mark.parametrize("force_no_weights_only", [False, True], ids=["default", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"])
+@pytest.mark.parametrize("torch_format", [True, False], ids=["torch_zip", "raw_pickle"])
+def test_plain_from_pretrained_never_unpickles_code(tiny_model_dir, tmp_path, marker, monkeypatch, torch_format,
+                                                      force_no_weights_only):
+    """Without `use_safetensors`, transformers 5.24 does fall back to pytorch_model.bin, but always through
+    `torch.load(weights_only=True)`, passed explicitly so torch's opt-out variable cannot turn it off."""
+    from transformers import AutoModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    write_malicious_pickle(folder / "pytorch_model.bin", marker, torch_format)
+    if force_no_weights_only:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert not marker.exists()
+
+
+def redirect_weights(folder: Path, filename: str) -> None:
+    """`config.json`'s `transformers_weights` names the weights file; transformers accepts `adapter_model.bin`."""
+    config = json.loads((folder / "config.json").read_text())
+    config["transformers_weights"] = filename
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_config_redirect_to_a_malicious_pickle_does_not_run_it(tiny_model_dir, tmp_path, marker):
+    from transformers import AutoModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    redirect_weights(folder, "adapter_model.bin")
+    write_malicious_pickle(folder / "adapter_model.bin", marker)
+    with pytest.raises((pickle.UnpicklingError, ValueError)):
+        AutoModel.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
+    assert not marker.exists()
+
+
+@pytest.mark.xfail(strict=True, reason=PATCH_MODELING + " (transformers honours `transformers_weights: adapter_model.bin`"
+                   " in config.json and torch.loads it even with use_safetensors=True)")
+def test_use_safetensors_refuses_a_config_redirect_to_a_pickle(tiny_model_dir, tmp_path):
+    """A tensors-only pickle cannot run code, but `use_safetensors=True` must still mean no pickle is read at all, e.g.
+    when the weights and config come from an unreviewed revision and the code from a pinned `code_revision`."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "adapter_model.bin")
+    redirect_weights(folder, "adapter_model.bin")
+    with pytest.raises(ValueError, match="adapter_model.bin"):
+        AutoModel.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Accelerate's load_state on resume
+
+
+@contextlib.contextmanager
+def global_rng_kept():
+    """`load_state` sets the global RNGs from the checkpoint: give the other tests theirs back."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+@pytest.fixture(scope="module")
+def resumable_run(tmp_path_factory):
+    """A genuine checkpoint of the tiny model, written in this process with train_accelerate.py's own builders, and
+    the prepared Accelerator to resume into with the script's `load_checkpoint`."""
+    import train_accelerate
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import get_scheduler
+
+    output_dir = tmp_path_factory.mktemp("resumable")
+    args = train_accelerate.parse_args([
+        "--output_dir", str(output_dir), "--config_overrides", TINY_CONFIG_OVERRIDES, "--resolution", "64",
+        "--per_device_train_batch_size", "4", "--max_train_steps", "1", "--mixed_precision", "no",
+        "--report_to", "none",
+    ])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        with global_rng_kept():
+            accelerator = train_accelerate.build_accelerator(args)
+            config, _ = train_accelerate.load_config_and_processor(args)
+            model = train_accelerate.build_model(config, args)
+            optimizer = train_accelerate.build_optimizer(model, args)
+            scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=0,
+                                      num_training_steps=1)
+            accelerator.prepare(model, optimizer, scheduler)
+            checkpoint = output_dir / "checkpoints" / "checkpoint-1"
+            accelerator.save_state(str(checkpoint))  # what train_accelerate.save_checkpoint writes, plus its state file
+            (checkpoint / train_accelerate.TRAINING_STATE_FILE).write_text(json.dumps(
+                {"epoch": 1, "step_in_epoch": 0, "completed_steps": 1, "best_dice": 0.0, "best_epoch": 1}))
+        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                "training_state.json"} <= {p.name for p in checkpoint.iterdir()}
+        yield train_accelerate, accelerator, args, checkpoint
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def planted_checkpoint(checkpoint: Path, folder: Path, filename: str, marker: Path) -> Path:
+    shutil.copytree(checkpoint, folder)
+    if filename == "pytorch_model.bin":  # without model.safetensors accelerate falls back to the pickle
+        (folder / "model.safetensors").unlink()
+    write_malicious_pickle(folder / filename, marker)
+    return folder
+
+
+def resume_in_process(resumable_run, checkpoint: Path):
+    train_accelerate, accelerator, args, _ = resumable_run
+    with global_rng_kept():
+        return train_accelerate.load_checkpoint(accelerator, argparse.Namespace(
+            **{**vars(args), "resume_from_checkpoint": str(checkpoint)}))
+
+
+def test_resume_from_the_genuine_checkpoint_works(resumable_run):
+    assert resume_in_process(resumable_run, resumable_run[3])["completed_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    ("filename", "error"),
+    [
+        ("optimizer.bin", pickle.UnpicklingError),
+        ("scheduler.bin", pickle.UnpicklingError),
+        ("pytorch_model.bin", pickle.UnpicklingError),
+        # Never unpickled: the count of custom_checkpoint_*.pkl must match the (zero) registered objects.
+        ("custom_checkpoint_0.pkl", RuntimeError),
+        # accelerate swallows the failed load ("Could not load random states") and resumes: see the xfail below.
+        ("random_states_0.pkl", None),
+    ],
+)
+def test_resume_never_unpickles_code(resumable_run, tmp_path, marker, filename, error):
+    """Every file `accelerate.load_state` reads on this (single-process, CPU, no FSDP/DeepSpeed) resume goes through
+    `accelerate.utils.load`, which passes `weights_only=True` explicitly."""
+    checkpoint = planted_checkpoint(resumable_run[3], tmp_path / "checkpoint", filename, marker)
+    with pytest.raises(error) if error else contextlib.nullcontext():
+        resume_in_process(resumable_run, checkpoint)
+    assert not marker.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="needs the random-state pre-check in train_accelerate.load_checkpoint: "
+                   "accelerate's load_accelerator_state catches every error loading random_states_*.pkl and only logs "
+                   "'Could not load random states' at info level")
+def test_resume_stops_on_a_tampered_random_state_file(resumable_run, tmp_path, marker):
+    checkpoint = planted_checkpoint(resumable_run[3], tmp_path / "checkpoint", "random_states_0.pkl", marker)
+    with pytest.raises(Exception, match="random_states_0.pkl"):
+        resume_in_process(resumable_run, checkpoint)
+
+
+def test_train_accelerate_resume_with_a_malicious_optimizer_state_fails_without_running_it(
+        resumable_run, kvasir_root, tmp_path, marker):
+    checkpoint = planted_checkpoint(resumable_run[3], tmp_path / "checkpoint", "optimizer.bin", marker)
+    command = [
+        sys.executable, str(REPO_ROOT / "train_accelerate.py"), "--dataset_name", str(kvasir_root),
+        "--output_dir", str(tmp_path / "run"), "--config_overrides", TINY_CONFIG_OVERRIDES, "--resolution", "64",
+        "--max_train_samples", "4", "--max_eval_samples", "2", "--per_device_train_batch_size", "4",
+        "--max_train_steps", "1", "--mixed_precision", "no", "--report_to", "none",
+        "--resume_from_checkpoint", str(checkpoint),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode != 0, completed.stderr[-3000:]
+    assert "Weights only load failed" in completed.stderr, completed.stderr[-3000:]
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The remote code: imports and import-time side effects
+
+# Their own dependencies: numpy, PIL and huggingface_hub, and safetensors (a hard requirement of transformers and timm).
+ALLOWED_PACKAGES = {"torch", "timm", "transformers", "numpy", "PIL", "huggingface_hub", "safetensors"}
+SIBLINGS = {name.removesuffix(".py") for name in REMOTE_CODE_FILES}
+
+
+@pytest.mark.parametrize("filename", REMOTE_CODE_FILES)
+def test_remote_code_imports_only_allowed_packages(filename):
+    tree = ast.parse((REPO_ROOT / filename).read_text())
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            top_levels = [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if node.level != 1 or node.module not in SIBLINGS:
+                    problems.append(f"line {node.lineno}: relative import {'.' * node.level}{node.module or ''}")
+                continue
+            top_levels = [node.module.split(".")[0]]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))
+              and (getattr(node.func, "id", None) or node.func.attr) in {"__import__", "import_module", "exec", "eval"}):
+            problems.append(f"line {node.lineno}: dynamic import or exec")
+            continue
+        else:
+            continue
+        problems += [f"line {node.lineno}: imports {name}" for name in top_levels
+                     if name not in ALLOWED_PACKAGES and name not in sys.stdlib_module_names]
+    assert not problems, f"{filename}: {problems}"
+
+
+IMPORT_PROBE = textwrap.dedent(r"""
+    import ast, builtins, importlib, io, json, os, socket, sys
+    package_parent, package, repo_copy, overrides = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    sources = [os.path.join(package_parent, package, name) for name in sorted(os.listdir(os.path.join(package_parent, package)))
+               if name.endswith(".py")]
+
+    # Everything the three files import, run first: what is left to observe is their own top-level code.
+    import torch, timm, transformers
+    for source in sources:
+        for node in ast.parse(open(source).read()).body:
+            if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and not node.level):
+                exec(ast.unparse(node), {})
+
+    sockets, opens = [], []
+
+    def refuse(kind):
+        def refused(*args, **kwargs):
+            sockets.append(kind)
+            raise OSError(f"network access blocked by the test ({kind})")
+        return refused
+
+    socket.socket.connect = refuse("socket.connect")
+    socket.socket.connect_ex = refuse("socket.connect_ex")
+    socket.create_connection = refuse("socket.create_connection")
+    socket.getaddrinfo = refuse("socket.getaddrinfo")
+
+    def audit(event, args):  # catches what the patches miss, e.g. sockets opened from C
+        if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto"):
+            sockets.append(event)
+        elif recording and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.fsdecode(args[0])
+            if not (path.endswith((".py", ".pyc")) and os.path.dirname(path).startswith(os.path.join(package_parent, package))):
+                opens.append(f"audit open {path}")
+
+    real_open, real_os_open = builtins.open, os.open
+
+    def recorded_open(file, *args, **kwargs):
+        if recording:
+            opens.append(f"open {file}")
+        return real_open(file, *args, **kwargs)
+
+    def recorded_os_open(path, *args, **kwargs):
+        if recording:
+            opens.append(f"os.open {path}")
+        return real_os_open(path, *args, **kwargs)
+
+    recording = False
+    sys.addaudithook(audit)
+    builtins.open = io.open = recorded_open
+    os.open = recorded_os_open
+
+    sys.path.insert(0, package_parent)
+    recording = True
+    for source in sources:
+        importlib.import_module(f"{package}.{os.path.basename(source)[:-3]}")
+    recording = False
+    report = {"import_sockets": list(sockets), "import_opens": list(opens)}
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    config = AutoConfig.from_pretrained(repo_copy, trust_remote_code=True, **overrides)
+    model = AutoModel.from_config(config, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(repo_copy, trust_remote_code=True)
+    with torch.no_grad():
+        logits = model(pixel_values=torch.zeros(1, 3, 40, 30)).logits
+    report.update(load_sockets=sockets[len(report["import_sockets"]):], logits_shape=list(logits.shape),
+                  model_class=type(model).__name__, processor_class=type(processor).__name__)
+    print("REPORT " + json.dumps(report))
+""")
+
+
+@pytest.fixture(scope="module")
+def import_probe(tmp_path_factory) -> dict:
+    """Imports the three files as a package, then builds config, model and processor through the Auto classes, all
+    in a fresh interpreter with the network blocked; returns what it saw."""
+    root = tmp_path_factory.mktemp("import_probe")
+    package = root / "packages" / "attention_unet_remote"
+    repo_copy = root / "repo"
+    package.mkdir(parents=True)
+    repo_copy.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in (*REMOTE_CODE_FILES, "config.json", "preprocessor_config.json"):
+        shutil.copy(REPO_ROOT / name, repo_copy / name)
+        if name.endswith(".py"):
+            shutil.copy(REPO_ROOT / name, package / name)
+    env = {**os.environ, "HF_MODULES_CACHE": str(root / "modules"), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    completed = subprocess.run(
+        [sys.executable, "-B", "-c", IMPORT_PROBE, str(package.parent), package.name, str(repo_copy),
+         json.dumps(TINY_OVERRIDES)],
+        capture_output=True, text=True, env=env, cwd=root,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("REPORT "))
+    return json.loads(line.removeprefix("REPORT "))
+
+
+def test_remote_code_import_opens_no_file_and_no_socket(import_probe):
+    assert import_probe["import_sockets"] == []
+    assert import_probe["import_opens"] == []
+
+
+def test_auto_config_and_model_from_config_need_no_network(import_probe):
+    assert import_probe["load_sockets"] == []
+    assert import_probe["model_class"] == "AttentionUNetForSemanticSegmentation"
+    assert import_probe["logits_shape"] == [1, 1, 40, 30]
+    assert import_probe["processor_class"] == "AttentionUNetImageProcessor"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Damaged model.safetensors
+
+
+def damaged_copy(tiny_model_dir: Path, folder: Path, damage: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        return weights
+    tensors = load_file(weights)
+    if damage == "wrong_shape":
+        tensors[DECODER_TENSOR] = torch.zeros(5, *tensors[DECODER_TENSOR].shape[1:])
+    else:
+        del tensors[DECODER_TENSOR]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return weights
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong_shape"])
+def test_damaged_weights_never_load(tiny_model_dir, tmp_path, damage):
+    """What transformers 5.24 already guarantees: a truncated file (SafetensorError) and a wrong-shaped tensor
+    (RuntimeError, since `ignore_mismatched_sizes` is False) both fail."""
+    from transformers import AutoModel
+
+    folder = damaged_copy(tiny_model_dir, tmp_path / "model", damage).parent
+    with pytest.raises(Exception):
+        AutoModel.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
+
+
+@pytest.mark.xfail(strict=True, reason=PATCH_MODELING)
+@pytest.mark.parametrize("damage", ["truncated", "wrong_shape", "missing_tensor"])
+def test_damaged_weights_fail_naming_the_file_and_tensor(tiny_model_dir, tmp_path, damage):
+    from transformers import AutoModel
+
+    weights = damaged_copy(tiny_model_dir, tmp_path / "model", damage)
+    with pytest.raises((ValueError, OSError)) as caught:
+        AutoModel.from_pretrained(weights.parent, trust_remote_code=True, use_safetensors=True)
+    message = str(caught.value)
+    assert str(weights) in message
+    if damage != "truncated":
+        assert DECODER_TENSOR in message
+    if damage == "wrong_shape":
+        assert "[5, " in message and "[16, " in message
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The image processor against anything
+
+PIL_MODES = ["L", "RGB", "RGBA", "P", "I;16", "I", "F", "CMYK", "1"]
+_processor = None
+
+
+def processor():
+    global _processor
+    if _processor is None:
+        from transformers import AutoImageProcessor
+
+        _processor = AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    return _processor
+
+
+def pixel_values(images) -> torch.Tensor:
+    return processor()(images, return_tensors="pt")["pixel_values"]
+
+
+def assert_normalised_batch(values: torch.Tensor, count: int) -> None:
+    assert values.shape == (count, 3, 256, 256)
+    assert values.dtype == torch.float32
+    assert torch.isfinite(values).all()
+    mean = torch.tensor(processor().image_mean)[:, None, None]
+    std = torch.tensor(processor().image_std)[:, None, None]
+    assert (values >= (0 - mean) / std - 1e-4).all() and (values <= (1 - mean) / std + 1e-4).all()
+
+
+def pil_image(mode: str, height: int, width: int, rng: np.random.Generator) -> PIL.Image.Image:
+    size = (width, height)
+    if mode == "1":
+        return PIL.Image.fromarray(rng.random((height, width)) > 0.5)
+    if mode in ("I;16", "I", "F"):
+        array = {"I;16": lambda: rng.integers(0, 65536, (height, width), dtype=np.uint16),
+                 "I": lambda: rng.integers(-(2**31), 2**31, (height, width), dtype=np.int32),
+                 "F": lambda: (rng.standard_normal((height, width)) * 10 ** rng.uniform(-3, 6)).astype(np.float32)}[mode]()
+        image = PIL.Image.fromarray(array)
+        assert image.mode == mode
+        return image
+    channels = {"L": 1, "P": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
+    image = PIL.Image.frombytes(mode, size, rng.integers(0, 256, height * width * channels, dtype=np.uint8).tobytes())
+    if mode == "P":
+        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    return image
+
+
+def array_image(dtype: str, layout: str, channels: int, height: int, width: int, rng: np.random.Generator,
+                scale: float) -> np.ndarray:
+    shape = {"HW": (height, width), "HWC": (height, width, channels), "CHW": (channels, height, width)}[layout]
+    if dtype == "bool":
+        return rng.random(shape) > 0.5
+    if dtype == "float32":
+        return (rng.uniform(-0.2, 1.2, shape) * scale).astype(np.float32)
+    return rng.integers(0, np.iinfo(dtype).max + 1, shape, dtype=dtype)
+
+
+@st.composite
+def any_image(draw, kinds=("pil", "numpy", "torch"), layouts=("HWC", "CHW")):
+    height, width = draw(st.integers(1, 80)), draw(st.integers(1, 80))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(kinds))
+    if kind == "pil":
+        return pil_image(draw(st.sampled_from(PIL_MODES)), height, width, rng)
+    array = array_image(draw(st.sampled_from(["uint8", "uint16", "float32", "bool"])), draw(st.sampled_from(layouts)),
+                        draw(st.sampled_from([1, 3, 4])), height, width, rng, draw(st.sampled_from([1.0, 255.0, 1e6])))
+    return torch.from_numpy(array) if kind == "torch" else array
+
+
+@settings(max_examples=40, deadline=None)
+@given(images=st.lists(any_image(), min_size=1, max_size=3))
+def test_processor_takes_any_image_kind_size_and_layout(images):
+    assert_normalised_batch(pixel_values(images), len(images))
+
+
+PATCH_PROCESSOR = ("needs the `_prepare_images_structure` override in image_processing_attention_unet.py: transformers' "
+                   "make_flat_list_of_images rejects every 2-D (H, W) array or tensor ('Could not make a flat list of "
+                   "images') before `process_image`/`to_rgb_uint8`, which does handle them, is reached")
+
+
+@pytest.mark.xfail(strict=True, reason=PATCH_PROCESSOR)
+@settings(max_examples=40, deadline=None, phases=[Phase.explicit, Phase.generate])  # no shrinking while it xfails
+@given(images=st.lists(any_image(kinds=("numpy", "torch"), layouts=("HW",)), min_size=1, max_size=3))
+def test_processor_takes_two_dimensional_arrays_and_tensors(images):
+    assert_normalised_batch(pixel_values(images), len(images))
+
+
+@st.composite
+def logits_and_sizes(draw):
+    batch, channels = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2]))
+    height, width = draw(st.integers(1, 80)), draw(st.integers(1, 80))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([1.0, 1e4]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    logits = (torch.from_numpy(rng.standard_normal((batch, channels, height, width)).astype(np.float32)) * scale).to(dtype)
+    sizes = draw(st.one_of(st.none(), st.lists(st.tuples(st.integers(1, 80), st.integers(1, 80)),
+                                                 min_size=batch, max_size=batch)))
+    if sizes is not None and draw(st.booleans()):
+        sizes = torch.tensor(sizes)  # as in `target_sizes=torch.tensor([image.size[::-1] for image in images])`
+    return logits, sizes
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=logits_and_sizes(), threshold=st.floats(0.01, 0.99), as_dict=st.booleans())
+def test_post_processing_gives_binary_masks_of_the_target_size(case, threshold, as_dict):
+    from transformers.modeling_outputs import SemanticSegmenterOutput
+
+    logits, sizes = case
+    outputs = {"logits": logits} if as_dict else SemanticSegmenterOutput(logits=logits)
+    masks = processor().post_process_semantic_segmentation(outputs, target_sizes=sizes, threshold=threshold)
+    assert len(masks) == len(logits)
+    for index, mask in enumerate(masks):
+        expected = tuple(int(s) for s in sizes[index]) if sizes is not None else tuple(logits.shape[-2:])
+        assert tuple(mask.shape) == expected
+        assert mask.dtype == torch.int64
+        assert set(mask.unique().tolist()) <= {0, 1}
+        if sizes is None and logits.shape[1] == 1:
+            assert torch.equal(mask, (logits[index, 0].float().sigmoid() > threshold).long())
+
+
+def exif_jpeg(orientation: int) -> bytes:
+    """A 40x20 (width x height) frame, red in its top-left quarter and blue in its bottom-right, tagged to be shown
+    rotated."""
+    frame = np.zeros((20, 40, 3), dtype=np.uint8)
+    frame[:10, :20] = (255, 0, 0)
+    frame[10:, 20:] = (0, 0, 255)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(frame).save(buffer, "JPEG", exif=exif, quality=95)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("orientation", "red_corner"), [(6, "top_right"), (8, "bottom_left")])
+def test_exif_orientation_is_applied(orientation, red_corner):
+    from image_processing_attention_unet import to_rgb_uint8
+
+    data = exif_jpeg(orientation)
+    stored = np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB"))  # the frame as stored, EXIF ignored
+    shown = to_rgb_uint8(PIL.Image.open(io.BytesIO(data)))
+    assert stored.shape == (20, 40, 3) and shown.shape == (40, 20, 3)
+    corners = {"top_left": shown[2, 2], "top_right": shown[2, -3], "bottom_left": shown[-3, 2],
+               "bottom_right": shown[-3, -3]}
+    red = [name for name, pixel in corners.items() if pixel[0] > 200 and pixel[2] < 60]
+    assert red == [red_corner]
+    from_file = pixel_values(PIL.Image.open(io.BytesIO(data)))
+    assert torch.equal(from_file, pixel_values(PIL.ImageOps.exif_transpose(PIL.Image.open(io.BytesIO(data)))))
+    assert not torch.allclose(from_file, pixel_values(stored), atol=0.5)
+
+
+@pytest.mark.parametrize("image", [
+    *[pytest.param(mode, id=f"pil_{mode}") for mode in PIL_MODES],
+    *[pytest.param((dtype, layout), id=f"numpy_{dtype}_{layout}",
+                   marks=[pytest.mark.xfail(strict=True, reason=PATCH_PROCESSOR)] if layout == "HW" else [])
+      for dtype in ("uint8", "uint16", "float32", "bool") for layout in ("HW", "HWC", "CHW")],
+])
+def test_one_pixel_images(image):
+    rng = np.random.default_rng(0)
+    if isinstance(image, str):
+        image = pil_image(image, 1, 1, rng)
+    else:
+        image = array_image(*image[:2], 3, 1, 1, rng, 1.0)
+    assert_normalised_batch(pixel_values(image), 1)
+    (mask,) = processor().post_process_semantic_segmentation({"logits": torch.randn(1, 1, 256, 256)},
+                                                             target_sizes=[(1, 1)])
+    assert mask.shape == (1, 1)
+
+
+def test_non_finite_float_image_is_a_clear_error():
+    image = np.full((8, 8, 3), 0.5, dtype=np.float32)
+    image[3, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        pixel_values(image)
+
+
+def peak_rss_reset() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size (Linux)
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def test_a_24_megapixel_photo_is_processed_with_bounded_memory():
+    image = PIL.Image.fromarray(np.broadcast_to((np.arange(6000) % 251).astype(np.uint8)[None, :, None],
+                                                (4000, 6000, 3)).copy())
+    image_bytes = 6000 * 4000 * 3
+    measured = peak_rss_reset()
+    before = peak_rss_bytes() if measured else 0
+    values = pixel_values(image)
+    assert_normalised_batch(values, 1)
+    if measured:
+        extra = peak_rss_bytes() - before
+        # About 4.5x the image today (RGB copy, array, resize); a float64 copy of the full image alone would be 8x.
+        assert extra < 8 * image_bytes, f"peak memory grew by {extra / 2**20:.0f} MiB for a {image_bytes / 2**20:.0f} MiB image"
