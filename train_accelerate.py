@@ -45,6 +45,7 @@ DEFAULT_DATASET = "kowndinya23/Kvasir-SEG"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.json"
 METRICS_FILE = "metrics.jsonl"
+INVOCATIONS_FILE = "invocations.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -349,7 +350,7 @@ def save_best_model(accelerator: Accelerator, model, processor, args, metrics: d
 
 
 def render_run_card(args: argparse.Namespace, metrics: dict, run_config: dict) -> str:
-    command = " ".join(["accelerate launch train_accelerate.py", *sys.argv[1:]])
+    command = " ".join(["python train_accelerate.py", *sys.argv[1:]])
     return f"""---
 library_name: transformers
 pipeline_tag: image-segmentation
@@ -526,6 +527,12 @@ def main(argv: list[str] | None = None) -> None:
         "num_train_samples": len(train_dataset), "num_eval_samples": len(eval_dataset),
         "num_processes": accelerator.num_processes,
     }
+    if accelerator.is_main_process:
+        command = " ".join(["python train_accelerate.py", *(argv if argv is not None else sys.argv[1:])])
+        # One line per invocation: a run resumed in stages keeps the command of every stage.
+        with open(Path(args.output_dir) / INVOCATIONS_FILE, "a") as log_file:
+            log_file.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+                                       **run_config}) + "\n")
     if args.report_to != "none":
         accelerator.init_trackers("attention_unet", {k: v if v is not None else "" for k, v in run_config.items()})
 

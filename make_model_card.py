@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""Regenerates the measured parts of the model card (README.md) from the files that measured them.
+
+    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split validation --output_json eval/validation.json
+    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
+    python make_model_card.py --dataset_name ../shared/data/kvasir-seg
+
+Reads `eval/*.json` (written by evaluate.py for the weights at the root) and `training/<stage>/` (each training
+stage's `metrics.jsonl` and `invocations.jsonl`, copied from its --output_dir), and rewrites: the `model-index` in the
+card's metadata, the status, results and CPU-recipe sections, `assets/training_curves.png` and
+`assets/test_predictions.png`. Nothing in those parts is typed by hand.
+"""
+
+import argparse
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoImageProcessor, AutoModel  # noqa: E402
+
+from segmentation_data import decode_sample, load_local_splits  # noqa: E402
+from segmentation_metrics import METRIC_NAMES, format_table  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent
+TARGET_MEAN_DICE = 0.85
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
+    parser.add_argument("--eval_dir", default=str(REPO_ROOT / "eval"))
+    parser.add_argument("--training_dir", default=str(REPO_ROOT / "training"))
+    parser.add_argument("--assets_dir", default=str(REPO_ROOT / "assets"))
+    parser.add_argument("--dataset_name", default=None,
+                        help="Local Kvasir-SEG folder for the prediction figure (skipped without it).")
+    parser.add_argument("--num_examples", type=int, default=4)
+    return parser.parse_args(argv)
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_stages(training_dir: Path) -> list[dict]:
+    stages = []
+    for folder in sorted(p for p in training_dir.iterdir() if p.is_dir()):
+        stages.append({
+            "name": folder.name,
+            "epochs": load_jsonl(folder / "metrics.jsonl"),
+            "invocations": load_jsonl(folder / "invocations.jsonl"),
+        })
+    return stages
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"The card has no {start} ... {end} block.")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{content.strip()}\n{end}{after}"
+
+
+def model_index(test: dict) -> str:
+    metrics = test["metrics"]
+    lines = [
+        "model-index:",
+        "- name: attention-unet-convnext-tiny-kvasir-seg",
+        "  results:",
+        "  - task:",
+        "      type: image-segmentation",
+        "      name: Polyp segmentation",
+        "    dataset:",
+        "      type: kowndinya23/Kvasir-SEG",
+        "      name: Kvasir-SEG (fixed 60-image test half of the official validation split)",
+        "      split: test",
+        "    metrics:",
+    ]
+    for name in METRIC_NAMES:
+        if name == "f1":
+            continue
+        lines += [f"    - type: mean_{name}", f"      value: {metrics[f'mean_{name}']:.4f}",
+                  f"      name: mean {name} over images ({test['resolution']}x{test['resolution']})"]
+    lines += ["    - type: pooled_dice", f"      value: {metrics['pooled_dice']:.4f}",
+              "      name: Dice pooled over all pixels"]
+    return "\n".join(lines)
+
+
+def replace_model_index(text: str, test: dict) -> str:
+    front, body = text.split("\n---\n", 1)
+    front = re.sub(r"\nmodel-index:\n(?:[ -].*\n?)*", "\n", front + "\n").rstrip("\n")
+    return f"{front}\n{model_index(test)}\n---\n{body}"
+
+
+def training_summary(stages: list[dict]) -> tuple[int, float]:
+    epochs = sum(len(stage["epochs"]) for stage in stages)
+    seconds = sum(e["data_seconds"] + e["model_seconds"] + e["eval_seconds"] for s in stages for e in s["epochs"])
+    return epochs, seconds / 3600
+
+
+def curve_shape(stages: list[dict]) -> str:
+    dice = [e["eval_mean_dice"] for s in stages for e in s["epochs"]]
+    best_at = int(np.argmax(dice))
+    recent = dice[-3:]
+    if best_at >= len(dice) - 2 and len(dice) > 3:
+        return f"still rising (best {max(dice):.4f} in the last two epochs)"
+    return (f"flattening (best {max(dice):.4f} at epoch {best_at + 1} of {len(dice)}; last epochs "
+            f"{', '.join(f'{d:.3f}' for d in recent)})")
+
+
+def render_status(test: dict, validation: dict, stages: list[dict]) -> str:
+    epochs, hours = training_summary(stages)
+    mean_dice = test["metrics"]["mean_dice"]
+    verdict = "meets" if mean_dice >= TARGET_MEAN_DICE else "is below"
+    return (
+        f"**Status.** Trained from scratch (no ImageNet weights) on a 2-core CPU: {epochs} epochs, "
+        f"{hours:.1f} hours of training. Test mean Dice **{mean_dice:.4f}** (validation {validation['metrics']['mean_dice']:.4f}) "
+        f"at {test['resolution']}x{test['resolution']}, which {verdict} the project's target of {TARGET_MEAN_DICE}; "
+        f"the validation curve is {curve_shape(stages)}. The seed recipe with ImageNet weights on a GPU (see Training) "
+        "is the way to published-level figures; training continues in stages."
+    )
+
+
+def render_results(test: dict, validation: dict, stages: list[dict], has_figure: bool) -> str:
+    parts = []
+    for result in (test, validation):
+        parts.append(
+            f"**{result['split'].capitalize()} split** ({result['num_images']} images, "
+            f"{result['resolution']}x{result['resolution']}, threshold {result['threshold']}"
+            f"{', flip TTA' if result['tta'] else ''}):\n\n{format_table(result['metrics'], result['loss'])}\n"
+        )
+    parts.append(
+        "\"Mean over images\" is the polyp literature's mDice / mIoU; \"pooled\" counts every pixel of the split once.\n"
+        f"Weights sha256 `{test['weights_sha256'][:16]}…`; test file list sha256 `{test['split_sha256'][:16]}…`. "
+        "Reproduce (the tables are generated from the JSON these write):\n\n```bash\n"
+        f"{validation['command']}\n{test['command']}\npython make_model_card.py --dataset_name ../shared/data/kvasir-seg\n```\n"
+    )
+    parts.append("![Training curves](assets/training_curves.png)\n")
+    if has_figure:
+        parts.append("![Test predictions](assets/test_predictions.png)\n\nTest frames: ground truth outline in blue, "
+                     "prediction in green.\n")
+    return "\n".join(parts)
+
+
+def render_cpu_recipe(stages: list[dict]) -> str:
+    lines = ["The shipped weights were trained in these stages (each continues the previous one), with these "
+             "commands:\n"]
+    for stage in stages:
+        epochs = stage["epochs"]
+        hours = sum(e["data_seconds"] + e["model_seconds"] + e["eval_seconds"] for e in epochs) / 3600
+        best = max(epochs, key=lambda e: e["eval_mean_dice"])
+        config = stage["invocations"][-1]
+        crop = f", {config['train_crop_size']}x{config['train_crop_size']} crops" if config.get("train_crop_size") else ""
+        lines.append(
+            f"- **{stage['name']}**: {len(epochs)} epochs at {config['resolution']}x{config['resolution']}{crop}, "
+            f"batch {config['total_batch_size']}, learning rate {config['learning_rate']}, {hours:.2f} h; best "
+            f"validation mDice {best['eval_mean_dice']:.4f} at epoch {best['epoch']}."
+        )
+        lines.append("\n  ```bash\n" + "\n".join(f"  {i['command']}" for i in stage["invocations"]) + "\n  ```")
+    lines.append("\nEvery stage's `metrics.jsonl` and commands are in `training/`. To continue from the shipped "
+                 "weights: `--init_from .` (a new schedule) or, with the stage's checkpoints, "
+                 "`--resume_from_checkpoint latest`.")
+    return "\n".join(lines)
+
+
+def plot_training_curves(stages: list[dict], path: Path) -> None:
+    epochs = [e for s in stages for e in s["epochs"]]
+    x = np.arange(1, len(epochs) + 1)
+    fig, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    loss_axis.plot(x, [e["train_loss"] for e in epochs], label="training loss")
+    loss_axis.plot(x, [e["eval_loss"] for e in epochs], label="validation loss")
+    dice_axis.plot(x, [e["eval_mean_dice"] for e in epochs], color="tab:green", label="validation mean Dice")
+    boundary = 0
+    for stage in stages[:-1]:
+        boundary += len(stage["epochs"])
+        for axis in (loss_axis, dice_axis):
+            axis.axvline(boundary + 0.5, color="grey", linestyle=":", linewidth=1)
+    for axis, title in ((loss_axis, "BCE + Dice loss"), (dice_axis, "validation mean Dice")):
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_test_predictions(dataset_name: str, num_examples: int, path: Path) -> None:
+    from predict import overlay_mask
+
+    model = AutoModel.from_pretrained(REPO_ROOT, trust_remote_code=True, use_safetensors=True).eval()
+    processor = AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    samples = load_local_splits(dataset_name)[0]["test"]
+    picks = [samples[i] for i in np.linspace(0, len(samples) - 1, num_examples).round().astype(int)]
+    fig, axes = plt.subplots(1, num_examples, figsize=(3 * num_examples, 3.2))
+    for axis, sample in zip(np.atleast_1d(axes), picks):
+        image, truth = decode_sample(sample, resolution=256)
+        frame = image.permute(1, 2, 0).numpy()
+        inputs = processor(images=frame, return_tensors="pt")
+        with torch.inference_mode():
+            outputs = model(**inputs)
+        prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[truth.shape])[0].numpy()
+        shown = overlay_mask(frame, prediction.astype(bool))
+        axis.imshow(shown)
+        axis.contour(truth.numpy(), levels=[0.5], colors="blue", linewidths=1.2)
+        inter = (prediction.astype(bool) & truth.numpy()).sum()
+        dice = 2 * inter / max(prediction.sum() + truth.numpy().sum(), 1)
+        axis.set_title(f"Dice {dice:.3f}", fontsize=10)
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    eval_dir, readme = Path(args.eval_dir), Path(args.readme)
+    test = json.loads((eval_dir / "test.json").read_text())
+    validation = json.loads((eval_dir / "validation.json").read_text())
+    weights = REPO_ROOT / "model.safetensors"
+    for result in (test, validation):
+        if result["weights_sha256"] != sha256(weights):
+            raise ValueError(f"{eval_dir / (result['split'] + '.json')} was measured on other weights than "
+                             f"{weights}: run evaluate.py again.")
+    stages = load_stages(Path(args.training_dir))
+    assets = Path(args.assets_dir)
+    assets.mkdir(exist_ok=True)
+    plot_training_curves(stages, assets / "training_curves.png")
+    has_figure = args.dataset_name is not None
+    if has_figure:
+        plot_test_predictions(args.dataset_name, args.num_examples, assets / "test_predictions.png")
+
+    text = readme.read_text()
+    text = replace_model_index(text, test)
+    text = replace_block(text, "status", render_status(test, validation, stages))
+    text = replace_block(text, "results", render_results(test, validation, stages, has_figure))
+    text = replace_block(text, "cpu-recipe", render_cpu_recipe(stages))
+    readme.write_text(text)
+    print(f"Updated {readme} and {assets}/.")
+
+
+if __name__ == "__main__":
+    main()

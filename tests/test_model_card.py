@@ -1,0 +1,71 @@
+"""The shipped checkpoint: its card's figures are reproduced by evaluate.py, and `make demo` segments the examples."""
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+from conftest import REPO_ROOT
+
+from segmentation_metrics import format_table
+
+WEIGHTS = REPO_ROOT / "model.safetensors"
+README = REPO_ROOT / "README.md"
+
+
+@pytest.fixture(scope="module")
+def shipped_weights():
+    if not WEIGHTS.is_file():
+        pytest.skip(f"no trained checkpoint shipped yet at {WEIGHTS}")
+    return WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def fresh_test_evaluation(shipped_weights, kvasir_root, tmp_path_factory) -> dict:
+    output_json = tmp_path_factory.mktemp("eval") / "test.json"
+    recorded = json.loads((REPO_ROOT / "eval" / "test.json").read_text())
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", str(REPO_ROOT), "--dataset_name", str(kvasir_root),
+         "--split", "test", "--resolution", str(recorded["resolution"]), "--output_json", str(output_json)],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(output_json.read_text())
+
+
+def card_model_index_mean_dice() -> float:
+    front_matter = README.read_text().split("\n---\n", 1)[0]
+    match = re.search(r"- type: mean_dice\n\s+value: ([0-9.]+)", front_matter)
+    assert match, "the card's metadata has no model-index mean_dice"
+    return float(match.group(1))
+
+
+def test_shipped_checkpoint_does_not_regress_below_the_card(fresh_test_evaluation):
+    assert fresh_test_evaluation["metrics"]["mean_dice"] >= card_model_index_mean_dice() - 0.005
+
+
+def test_card_table_matches_evaluate_output_for_the_shipped_weights(fresh_test_evaluation, shipped_weights):
+    recorded = json.loads((REPO_ROOT / "eval" / "test.json").read_text())
+    assert recorded["weights_sha256"] == hashlib.sha256(shipped_weights.read_bytes()).hexdigest(), (
+        "eval/test.json was measured on other weights: rerun evaluate.py and make_model_card.py"
+    )
+    assert recorded["split_sha256"] == fresh_test_evaluation["split_sha256"]
+    table = format_table(fresh_test_evaluation["metrics"], fresh_test_evaluation["loss"])
+    assert table in README.read_text(), "the card's test table differs from what evaluate.py measures now"
+    assert card_model_index_mean_dice() == pytest.approx(fresh_test_evaluation["metrics"]["mean_dice"], abs=1e-4)
+
+
+def test_demo_segments_an_example_image_with_the_shipped_checkpoint(shipped_weights, tmp_path):
+    example = sorted((REPO_ROOT / "examples").glob("*.jpg"))[0]
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "predict.py"), str(example), "--model", str(REPO_ROOT),
+         "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    mask = PIL.Image.open(tmp_path / f"{example.stem}_mask.png")
+    assert mask.size == PIL.Image.open(example).size
+    assert (tmp_path / f"{example.stem}_overlay.png").is_file()
