@@ -87,6 +87,18 @@ class AttentionUNetImageProcessor(PilBackend):
         super().__init__(**kwargs)
         self.threshold = threshold
 
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        # transformers rejects 2-D arrays and tensors before `process_image` sees them: give an `(H, W)` frame a
+        # trailing channel axis so grayscale arrays are taken like every other layout.
+        def with_channel_axis(image):
+            return image[..., None] if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 2 else image
+
+        if isinstance(images, (list, tuple)):
+            images = [with_channel_axis(image) for image in images]
+        else:
+            images = with_channel_axis(images)
+        return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         """One image of any supported kind -> `(3, H, W)` uint8."""
         return np.moveaxis(to_rgb_uint8(image), -1, 0)

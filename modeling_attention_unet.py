@@ -1,10 +1,12 @@
 """Attention U-Net (Oktay et al., 2018) on a timm encoder, for binary semantic segmentation."""
 
 import math
+import os
 
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -142,6 +144,32 @@ class AttentionUNetDecoder(nn.Module):
         return hidden_state, tuple(gate_maps)
 
 
+def check_checkpoint_files(checkpoint_files: list[str], model: nn.Module, ignore_mismatched_sizes: bool = False) -> None:
+    """Raises a `ValueError` naming the file (and the tensor) unless `checkpoint_files` are readable safetensors files
+    holding exactly the tensors of `model`'s state dict, each with the shape the model's config gives it."""
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = set()
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"{path}: weights are only loaded from safetensors files, never from pickles.")
+        try:
+            with safe_open(path, framework="pt") as weights:
+                shapes = {name: list(weights.get_slice(name).get_shape()) for name in weights.keys()}
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error}).") from error
+        for name, shape in shapes.items():
+            if name not in expected:
+                raise ValueError(f"{path}: tensor {name} is not part of the model this config builds.")
+            if shape != expected[name] and not ignore_mismatched_sizes:
+                raise ValueError(f"{path}: tensor {name} has shape {shape} but the config needs {expected[name]}.")
+        found.update(shapes)
+    missing = [name for name in expected if name not in found]
+    if missing:
+        where = checkpoint_files[0] if len(checkpoint_files) == 1 else os.path.dirname(checkpoint_files[0])
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{where}: missing tensor(s) the config needs: {listed}.")
+
+
 class AttentionUNetPreTrainedModel(PreTrainedModel):
     config: AttentionUNetConfig
     config_class = AttentionUNetConfig
@@ -169,6 +197,15 @@ class AttentionUNetPreTrainedModel(PreTrainedModel):
                 init.zeros_(child.running_mean)
                 init.ones_(child.running_var)
                 init.zeros_(child.num_batches_tracked)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        # transformers re-initialises a missing tensor with only a logged warning, names the wrong-shaped tensor only in
+        # a logged table, names no file when a header is damaged, and reads a pickle if `config.transformers_weights`
+        # points at one even under `use_safetensors=True`: check the resolved files first.
+        if checkpoint_files and load_config.hf_quantizer is None:
+            check_checkpoint_files(checkpoint_files, model, load_config.ignore_mismatched_sizes)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)

@@ -26,6 +26,7 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import load as accelerate_load
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, get_scheduler
 
@@ -66,8 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--config_name", default=str(REPO_ROOT),
-                       help="Folder or Hub id whose config.json and preprocessor config define the architecture.")
+    model.add_argument("--config_name", default=None,
+                       help="Folder or Hub id whose config.json and preprocessor config define the architecture "
+                            "(default: --init_from's, else this repository's).")
     model.add_argument("--config_overrides", default=None,
                        help="Comma-separated config overrides, e.g. 'encoder_name=convnext_atto,"
                             "decoder_channels=[64,32,16,8,8]'.")
@@ -112,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--hub_private_repo", action="store_true")
 
     args = parser.parse_args(argv)
+    args.config_name = args.config_name or args.init_from or str(REPO_ROOT)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id.")
     if args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():
@@ -195,7 +198,7 @@ def build_model(config, args: argparse.Namespace):
     return model
 
 
-def build_datasets(args: argparse.Namespace, processor, accelerator: Accelerator):
+def build_datasets(args: argparse.Namespace, processor):
     splits, problems = load_splits(args.dataset_name, args.image_column_name, args.label_column_name)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
     decoded = {}
@@ -227,11 +230,16 @@ def build_optimizer(model, args: argparse.Namespace) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=args.learning_rate)
 
 
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint: written ones are renamed from `*.partial` only once whole."""
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first: they are renamed from `*.partial` only once whole."""
     folder = Path(output_dir) / "checkpoints"
-    candidates = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    step = lambda path: path.name[len(CHECKPOINT_PREFIX):]  # noqa: E731
+    return sorted((p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if step(p).isdigit()), key=lambda p: int(step(p)))
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
 
 
 def _is_disk_full(error: BaseException, folder: Path) -> bool:
@@ -286,11 +294,7 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: d
             shutil.rmtree(final)
         os.replace(partial, final)
         if args.save_total_limit:
-            checkpoints = sorted(
-                (p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()),
-                key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]),
-            )
-            for old in checkpoints[: -args.save_total_limit]:
+            for old in list_checkpoints(args.output_dir)[: -args.save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
@@ -307,6 +311,14 @@ def load_checkpoint(accelerator: Accelerator, args: argparse.Namespace) -> dict 
         checkpoint = Path(args.resume_from_checkpoint)
     if not (checkpoint / TRAINING_STATE_FILE).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: it has no {TRAINING_STATE_FILE}.")
+    # accelerate skips an unreadable random-state file with an info-level log only ("Could not load random states"):
+    # a damaged or tampered checkpoint must stop the resume. `accelerate.utils.load` is accelerate's weights-only loader.
+    rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if rng_file.exists():
+        try:
+            accelerate_load(rng_file)
+        except Exception as error:
+            raise ValueError(f"{rng_file}: not a random-state file written by accelerate ({error}).") from error
     accelerator.load_state(str(checkpoint))
     state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
     logger.info(f"Resumed from {checkpoint}: epoch {state['epoch']}, step {state['completed_steps']}.")
@@ -495,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
 
     config, processor = load_config_and_processor(args)
     model = build_model(config, args)
-    train_dataset, eval_dataset = build_datasets(args, processor, accelerator)
+    train_dataset, eval_dataset = build_datasets(args, processor)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
         num_workers=args.dataloader_num_workers,

@@ -1,10 +1,6 @@
 """Safety: weights come only from safetensors, no pickle runs code on load or resume, the remote code imports only what
 it should and does no I/O at import, damaged weight files fail naming the file and tensor, and the image processor
 takes whatever image it is given.
-
-Tests marked `xfail(strict=True)` pin behaviour that needs a patch to `modeling_attention_unet.py` or
-`train_accelerate.py` first (see each reason); once it is applied they pass, and strict mode then asks for the marker
-to be removed.
 """
 
 import argparse
@@ -28,7 +24,7 @@ import PIL.ImageOps
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_OVERRIDES
-from hypothesis import Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 REMOTE_CODE_FILES = ("configuration_attention_unet.py", "modeling_attention_unet.py", "image_processing_attention_unet.py")
@@ -37,9 +33,6 @@ TINY_CONFIG_OVERRIDES = "encoder_name={},decoder_channels={}".format(
 )
 DECODER_TENSOR = "decoder.blocks.1.conv1.conv.weight"
 UNEXPECTED_TENSOR = "decoder.blocks.1.extra_gate.weight"
-PATCH_MODELING = ("needs the `_load_pretrained_model` override (`check_checkpoint_files`) in modeling_attention_unet.py: "
-                  "transformers 5.24 names no file/tensor in the error, and loads a missing tensor as random weights "
-                  "and an extra one with only a logged warning")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,8 +156,6 @@ def test_config_redirect_to_a_malicious_pickle_does_not_run_it(tiny_model_dir, t
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=PATCH_MODELING + " (transformers honours `transformers_weights: adapter_model.bin`"
-                   " in config.json and torch.loads it even with use_safetensors=True)")
 def test_use_safetensors_refuses_a_config_redirect_to_a_pickle(tiny_model_dir, tmp_path):
     """A tensors-only pickle cannot run code, but `use_safetensors=True` must still mean no pickle is read at all, e.g.
     when the weights and config come from an unreviewed revision and the code from a pinned `code_revision`."""
@@ -259,9 +250,8 @@ def test_resume_from_the_genuine_checkpoint_works(resumable_run):
         ("pytorch_model.bin", pickle.UnpicklingError),
         # Never unpickled: the count of custom_checkpoint_*.pkl must match the (zero) registered objects.
         ("custom_checkpoint_0.pkl", RuntimeError),
-        # accelerate swallows the failed load ("Could not load random states") and resumes; with the proposed
-        # train_accelerate patch it raises a ValueError instead (pinned by the xfail below).
-        ("random_states_0.pkl", None),
+        # accelerate itself only logs a failed load ("Could not load random states"); load_checkpoint refuses it.
+        ("random_states_0.pkl", ValueError),
     ],
 )
 def test_resume_never_unpickles_code(resumable_run, tmp_path, marker, filename, error):
@@ -273,9 +263,6 @@ def test_resume_never_unpickles_code(resumable_run, tmp_path, marker, filename, 
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the random-state pre-check in train_accelerate.load_checkpoint: "
-                   "accelerate's load_accelerator_state catches every error loading random_states_*.pkl and only logs "
-                   "'Could not load random states' at info level")
 def test_resume_stops_on_a_tampered_random_state_file(resumable_run, tmp_path, marker):
     checkpoint = planted_checkpoint(resumable_run[3], tmp_path / "checkpoint", "random_states_0.pkl", marker)
     with pytest.raises(Exception, match="random_states_0.pkl"):
@@ -490,7 +477,6 @@ def test_damaged_weights_never_load(tiny_model_dir, tmp_path, damage):
         AutoModel.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
 
 
-@pytest.mark.xfail(strict=True, reason=PATCH_MODELING)
 @pytest.mark.parametrize("damage", ["truncated", "wrong_shape", "missing_tensor", "unexpected_tensor"])
 def test_damaged_weights_fail_naming_the_file_and_tensor(tiny_model_dir, tmp_path, damage):
     from transformers import AutoModel
@@ -583,13 +569,8 @@ def test_processor_takes_any_image_kind_size_and_layout(images):
     assert_normalised_batch(pixel_values(images), len(images))
 
 
-PATCH_PROCESSOR = ("needs the `_prepare_images_structure` override in image_processing_attention_unet.py: transformers' "
-                   "make_flat_list_of_images rejects every 2-D (H, W) array or tensor ('Could not make a flat list of "
-                   "images') before `process_image`/`to_rgb_uint8`, which does handle them, is reached")
 
-
-@pytest.mark.xfail(strict=True, reason=PATCH_PROCESSOR)
-@settings(max_examples=40, deadline=None, phases=[Phase.explicit, Phase.generate])  # no shrinking while it xfails
+@settings(max_examples=40, deadline=None)
 @given(images=st.lists(any_image(kinds=("numpy", "torch"), layouts=("HW",)), min_size=1, max_size=3))
 def test_processor_takes_two_dimensional_arrays_and_tensors(images):
     assert_normalised_batch(pixel_values(images), len(images))
@@ -660,8 +641,7 @@ def test_exif_orientation_is_applied(orientation, red_corner):
 
 @pytest.mark.parametrize("image", [
     *[pytest.param(mode, id=f"pil_{mode}") for mode in PIL_MODES],
-    *[pytest.param((dtype, layout), id=f"numpy_{dtype}_{layout}",
-                   marks=[pytest.mark.xfail(strict=True, reason=PATCH_PROCESSOR)] if layout == "HW" else [])
+    *[pytest.param((dtype, layout), id=f"numpy_{dtype}_{layout}")
       for dtype in ("uint8", "uint16", "float32", "bool") for layout in ("HW", "HWC", "CHW")],
 ])
 def test_one_pixel_images(image):

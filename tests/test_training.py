@@ -251,3 +251,31 @@ def test_evaluate_reports_both_aggregations_and_provenance(uninterrupted_run, kv
     assert len(result["weights_sha256"]) == 64 and len(result["split_sha256"]) == 64
     mean_dice = sum(image["dice"] for image in result["per_image"]) / 6
     assert result["metrics"]["mean_dice"] == pytest.approx(mean_dice)
+
+
+def test_init_from_starts_from_the_saved_weights_and_architecture(uninterrupted_run, kvasir_root, tmp_path):
+    output_dir, _ = uninterrupted_run
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_accelerate.py"), "--dataset_name", str(kvasir_root),
+         "--output_dir", str(tmp_path), "--init_from", str(output_dir), "--resolution", "64",
+         "--max_train_samples", "4", "--max_eval_samples", "2", "--per_device_train_batch_size", "2",
+         "--max_train_steps", "1", "--learning_rate", "0", "--report_to", "none"],
+        capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    start = load_file(output_dir / "model.safetensors")
+    after_one_step_at_lr_0 = final_weights(tmp_path)
+    for name, tensor in start.items():
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):  # BN statistics still move
+            assert torch.equal(tensor, after_one_step_at_lr_0[name]), name
+
+
+def test_encoder_pretrained_offline_is_a_clear_error(kvasir_root, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_accelerate.py"), "--dataset_name", str(kvasir_root),
+         "--output_dir", str(tmp_path), "--config_overrides", TINY_CONFIG_OVERRIDES, "--encoder_pretrained",
+         "--resolution", "64", "--max_train_samples", "4", "--report_to", "none"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert completed.returncode != 0
+    assert "--encoder_pretrained: could not load ImageNet weights for 'convnext_atto'" in completed.stderr
