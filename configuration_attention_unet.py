@@ -66,13 +66,12 @@ class AttentionUNetConfig(PretrainedConfig):
         self.decoder_channels = list(self.decoder_channels)
         self._check_fields()
         super().__post_init__(**kwargs)
-        self.__dict__["_fields_checked"] = True
 
     def __setattr__(self, key, value):
         # `from_pretrained(..., **overrides)` and `update_from_string` set fields one by one after `__init__`: check
         # them there too, so a bad value fails when the config is built, not deep inside a forward pass.
         super().__setattr__(key, value)
-        if key in _CHECKED_FIELDS and self.__dict__.get("_fields_checked"):
+        if key in _CHECKED_FIELDS and self.__dict__.get("_post_init_done"):
             if key == "decoder_channels":
                 super().__setattr__(key, list(value))
             self._check_fields()
