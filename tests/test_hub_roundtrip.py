@@ -12,7 +12,6 @@ Every client runs in its own process, so `HF_ENDPOINT` and `HF_HOME` are set bef
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, TINY_OVERRIDES
 from hub_server import HubServer, last_json_line, run_python
+from test_training import TINY_CONFIG_OVERRIDES
 
 DATASET_ID = "user/kvasir-seg-tiny"
 MODEL_ID = "user/tiny-unet"
@@ -36,25 +36,10 @@ def hub():
         yield server
 
 
-@pytest.fixture(scope="module")
-def tiny_config_dir(tmp_path_factory) -> Path:
-    """The repository's config with the tiny encoder and decoder, next to the code it names. `--config_overrides`
-    cannot set `decoder_channels` (`PretrainedConfig.update_from_string` takes no lists), so the folder carries it."""
-    folder = tmp_path_factory.mktemp("tiny_config")
-    for name in (*CODE_FILES, "preprocessor_config.json"):
-        shutil.copy(REPO_ROOT / name, folder / name)
-    config = json.loads((REPO_ROOT / "config.json").read_text())
-    config.update(TINY_OVERRIDES)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def train(env: dict, output_dir: Path, tiny_config_dir: Path, dataset: str, *extra: str) -> subprocess.CompletedProcess:
+def train(env: dict, output_dir: Path, dataset: str, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, str(REPO_ROOT / "train_accelerate.py"), "--dataset_name", dataset,
-        "--output_dir", str(output_dir), "--config_name", str(tiny_config_dir),
-        "--config_overrides", f"encoder_name={TINY_OVERRIDES['encoder_name']}",
-        "--resolution", "64", "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
+        "--output_dir", str(output_dir), "--config_overrides", TINY_CONFIG_OVERRIDES, "--resolution", "64", "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
         "--mixed_precision", "no", "--report_to", "none", "--seed", "3",
         "--push_to_hub", "--hub_model_id", MODEL_ID, *extra,
     ]
@@ -112,13 +97,13 @@ def hub_dataset(hub, kvasir_root, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hub_training(hub, hub_dataset, tiny_config_dir, tmp_path_factory):
+def hub_training(hub, hub_dataset, tmp_path_factory):
     """One short epoch on the Hub dataset, pushing to the Hub; the first repository creation answers 500."""
     output_dir = tmp_path_factory.mktemp("hub_run") / "output"
     env = hub.client_env(tmp_path_factory.mktemp("training_hf_home"))
     hub.inject_failures(500, count=1, path=r"^/api/repos/create$")
     try:
-        completed = train(env, output_dir, tiny_config_dir, DATASET_ID)
+        completed = train(env, output_dir, DATASET_ID)
     finally:
         hub.clear_failures()
     assert completed.returncode == 0, completed.stderr[-6000:]
@@ -221,12 +206,11 @@ def test_evaluate_runs_on_the_hub_model_and_dataset(hub, hub_training, tmp_path)
     assert result["weights_sha256"] == hashlib.sha256((output_dir / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_training_finishes_with_a_complete_local_folder_when_the_hub_is_down(kvasir_root, tiny_config_dir,
-                                                                              tmp_path):
+def test_training_finishes_with_a_complete_local_folder_when_the_hub_is_down(kvasir_root, tmp_path):
     with HubServer() as down:
         down.fail_with = 500
         output_dir = tmp_path / "output"
-        completed = train(down.client_env(tmp_path / "hf_home"), output_dir, tiny_config_dir, str(kvasir_root),
+        completed = train(down.client_env(tmp_path / "hf_home"), output_dir, str(kvasir_root),
                           "--max_train_samples", str(NUM_TRAIN), "--max_eval_samples", "2")
         assert completed.returncode == 0, completed.stderr[-6000:]
         assert PUSH_WARNING in completed.stderr and "The final push failed" in completed.stderr
@@ -237,3 +221,33 @@ def test_training_finishes_with_a_complete_local_folder_when_the_hub_is_down(kva
         # The epoch's push and the three final attempts each got as far as creating the repository.
         assert [status for _, path, status in down.requests if path == "/api/repos/create"] == [500] * 4
         assert not down.repo_exists(MODEL_ID)
+
+
+def test_a_hub_copy_without_usable_columns_is_a_clear_error_until_they_are_named(hub, kvasir_root, tmp_path):
+    code = textwrap.dedent("""
+        import json, sys
+        from pathlib import Path
+        import datasets
+        from PIL import Image
+        from segmentation_data import DataError, load_hub_splits
+
+        root, repo_id = Path(sys.argv[1]), sys.argv[2]
+        names = (root / "splits" / "train.txt").read_text().split()[:2]
+        rows = {"img": [Image.open(root / "images" / f"{n}.jpg").convert("RGB").resize((32, 32)) for n in names],
+                "seg": [Image.open(root / "masks" / f"{n}.jpg").convert("L").resize((32, 32)) for n in names]}
+        features = datasets.Features({"img": datasets.Image(), "seg": datasets.Image()})
+        table = datasets.Dataset.from_dict(rows, features=features)
+        datasets.DatasetDict({"train": table, "validation": table}).push_to_hub(repo_id)
+        try:
+            load_hub_splits(repo_id)
+            error = None
+        except DataError as raised:
+            error = str(raised)
+        splits, _ = load_hub_splits(repo_id, image_column_name="img", label_column_name="seg")
+        print(json.dumps({"error": error, "sizes": {name: len(samples) for name, samples in splits.items()}}))
+    """)
+    env = {**hub.client_env(tmp_path / "hf_home"), "PYTHONPATH": str(REPO_ROOT)}
+    result = last_json_line(run_python(code, env, str(kvasir_root), "user/odd-columns", timeout=300))
+    assert "has no image column" in result["error"] and "['img', 'seg']" in result["error"]
+    assert "--image_column_name" in result["error"]
+    assert result["sizes"] == {"train": 2, "validation": 1, "test": 1}

@@ -195,3 +195,13 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(referen
     for kept in checkpoints:
         assert (kept / "training_state.json").is_file()
         load_file(kept / "model.safetensors")
+
+
+def test_unpaired_files_are_named_in_both_directions(small_dataset):
+    names = (small_dataset / "splits" / "train.txt").read_text().split()
+    (small_dataset / "masks" / f"{names[0]}.jpg").unlink()
+    (small_dataset / "images" / f"{names[1]}.jpg").unlink()
+    splits, problems = load_local_splits(small_dataset)
+    assert any(f"{names[0]}.jpg: no mask" in problem for problem in problems)
+    assert any(f"{names[1]}.jpg: no image" in problem for problem in problems)
+    assert len(splits["train"]) == 10
