@@ -6,7 +6,7 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ChannelDimension, PILImageResampling
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 
 def to_rgb_uint8(image: "PIL.Image.Image | np.ndarray | torch.Tensor") -> np.ndarray:

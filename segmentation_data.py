@@ -109,13 +109,13 @@ def _find_column(columns: list[str], requested: str | None, candidates: tuple[st
 
 
 def load_hub_splits(
-    dataset_name: str, image_column_name: str | None = None, label_column_name: str | None = None, **load_kwargs
+    dataset_name: str, image_column_name: str | None = None, label_column_name: str | None = None
 ) -> tuple[dict[str, list[RawSample]], list[str]]:
     """Loads a Hub copy with `datasets.load_dataset`. Its `validation` split is halved into validation and test by the
     seed-42 rule (by the `name` column where there is one), unless the copy already has a `test` split."""
     import datasets
 
-    dataset = datasets.load_dataset(dataset_name, **load_kwargs)
+    dataset = datasets.load_dataset(dataset_name)
     if "train" not in dataset:
         raise DataError(f"The dataset {dataset_name!r} has no 'train' split; its splits are {list(dataset)}.")
     columns = dataset["train"].column_names

@@ -194,6 +194,23 @@ def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> tuple
     return statistics.median(times), times, warmup_seconds
 
 
+def interleaved_latency_ms(modules: dict[str, nn.Module], single: torch.Tensor, warmup: int,
+                           repeats: int) -> dict[str, float]:
+    """Eager batch-1 median latency of each model, the models taking turns run by run, so that a drift of the machine
+    (another process, the clock) weighs on all of them alike rather than on whichever was measured at that moment."""
+    times = {name: [] for name in modules}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for module in modules.values():
+                module(single)
+        for _ in range(repeats):
+            for name, module in modules.items():
+                start = time.perf_counter()
+                module(single)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(runs) * 1e3 for name, runs in times.items()}
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -367,6 +384,13 @@ def markdown_table(report: dict) -> str:
         notes.append(f"fp32 peak of {threads} core(s): {threads} x {cpu['ghz']:.2f} GHz ({cpu['clock_source']}) x "
                      f"{cpu['fp32_flops_per_cycle_per_core']} FLOP/cycle = {cpu['peak_gflops']:.0f} GFLOP/s, with "
                      f"{cpu['derivation']}.")
+    interleaved = report["interleaved_eager_latency_ms"]
+    ours = interleaved[report["results"][0]["model"]]
+    notes.append(
+        f"Eager batch-1 latency with the models taking turns run by run ({3 * settings['repeats']} runs each, medians; "
+        "the fairest head-to-head on a noisy machine): "
+        + "; ".join(f"{name} {ms:.1f} ms ({ms / ours:.2f} x ours)" for name, ms in interleaved.items()) + "."
+    )
     notes.extend(f"Note: {note}" for note in report["notes"])
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
@@ -439,6 +463,11 @@ def main(argv: list[str] | None = None) -> dict:
         result["description"] = description
         results.append(result)
     add_ratios(results, cpu["peak_gflops"])
+    print("Eager batch-1 latency, models interleaved...", flush=True)
+    interleaved = interleaved_latency_ms(
+        {name: (LogitsOnly(model) if ours else model).eval() for name, _, model, ours, _ in models},
+        inputs[:1], args.warmup, 3 * args.repeats,
+    )
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for module_name in ("onnxruntime", "timm", "transformers", "segmentation_models_pytorch", "monai"):
@@ -451,6 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": versions,
         "notes": notes,
         "results": results,
+        "interleaved_eager_latency_ms": interleaved,
     }
     table = markdown_table(report)
     print("\n" + table)

@@ -31,6 +31,8 @@ def test_tiny_benchmark_writes_json_and_readme(tmp_path):
     assert report["settings"]["tiny"] and report["settings"]["resolution"] == 32
     assert report["machine"]["fp32_flops_per_cycle_per_core"] > 0
     results = {entry["model"]: entry for entry in report["results"]}
+    assert report["interleaved_eager_latency_ms"].keys() == results.keys()
+    assert all(ms > 0 for ms in report["interleaved_eager_latency_ms"].values())
     ours = report["results"][0]
     assert ours["model"].startswith("Attention U-Net")
     assert ours["flops_per_image"] > 0

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_OVERRIDES, make_config, make_model

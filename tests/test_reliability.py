@@ -1,7 +1,6 @@
 """Training survives bad data, kills, a full disk and divergence, losing nothing already saved."""
 
 import json
-import os
 import random
 import shutil
 import signal

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_OVERRIDES, make_model
