@@ -21,10 +21,9 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
-from segmentation_data import DataError, PolypSegmentationDataset, decode_samples, load_splits
+from segmentation_data import DEFAULT_DATASET, DataError, PolypSegmentationDataset, decode_samples, load_splits
 from segmentation_metrics import METRIC_NAMES, confusion_counts, format_table, metrics_from_counts, summarize
 
-DEFAULT_DATASET = "kowndinya23/Kvasir-SEG"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 from image_processing_attention_unet import to_rgb_uint8
 
+DEFAULT_DATASET = "kowndinya23/Kvasir-SEG"  # the Hub copy: columns name / image / annotation, splits train / validation
 SPLITS = ("train", "validation", "test")
 IMAGE_COLUMN_CANDIDATES = ("image", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("mask", "annotation", "label", "segmentation_mask")

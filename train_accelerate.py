@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, get_scheduler
 
 from segmentation_data import (
+    DEFAULT_DATASET,
     DataError,
     PolypSegmentationDataset,
     decode_samples,
@@ -42,7 +43,6 @@ from segmentation_metrics import confusion_counts, format_table, summarize
 logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_DATASET = "kowndinya23/Kvasir-SEG"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.json"
 METRICS_FILE = "metrics.jsonl"
