@@ -113,8 +113,9 @@ def training_summary(stages: list[dict]) -> tuple[int, float]:
     return epochs, seconds / 3600
 
 
-def curve_shape(stages: list[dict]) -> str:
-    dice = [e["eval_mean_dice"] for s in stages for e in s["epochs"]]
+def curve_shape(stage: dict) -> str:
+    # Only the last stage: earlier stages may validate at another resolution, so their Dice is not comparable.
+    dice = [e["eval_mean_dice"] for e in stage["epochs"]]
     best_at = int(np.argmax(dice))
     recent = dice[-3:]
     if best_at >= len(dice) - 2 and len(dice) > 3:
@@ -131,7 +132,7 @@ def render_status(test: dict, validation: dict, stages: list[dict]) -> str:
         f"**Status.** Trained from scratch (no ImageNet weights) on a 2-core CPU: {epochs} epochs, "
         f"{hours:.1f} hours of training. Test mean Dice **{mean_dice:.4f}** (validation {validation['metrics']['mean_dice']:.4f}) "
         f"at {test['resolution']}x{test['resolution']}, which {verdict} the project's target of {TARGET_MEAN_DICE}; "
-        f"the validation curve is {curve_shape(stages)}. The seed recipe with ImageNet weights on a GPU (see Training) "
+        f"the last stage's validation curve is {curve_shape(stages[-1])}. The seed recipe with ImageNet weights on a GPU (see Training) "
         "is the way to published-level figures; training continues in stages."
     )
 
@@ -158,8 +159,9 @@ def render_results(test: dict, validation: dict, stages: list[dict], has_figure:
 
 
 def render_cpu_recipe(stages: list[dict]) -> str:
-    lines = ["The shipped weights were trained in these stages (each continues the previous one), with these "
-             "commands:\n"]
+    lines = ["The shipped weights were trained in these stages, each starting from the previous one's weights "
+             "(`--init_from` names the previous stage's `--output_dir`; `.` is the checkpoint shipped at the root "
+             "when the stage started), with these commands:\n"]
     for stage in stages:
         epochs = stage["epochs"]
         hours = sum(e["data_seconds"] + e["model_seconds"] + e["eval_seconds"] for e in epochs) / 3600
@@ -185,16 +187,21 @@ def plot_training_curves(stages: list[dict], path: Path) -> None:
     loss_axis.plot(x, [e["train_loss"] for e in epochs], label="training loss")
     loss_axis.plot(x, [e["eval_loss"] for e in epochs], label="validation loss")
     dice_axis.plot(x, [e["eval_mean_dice"] for e in epochs], color="tab:green", label="validation mean Dice")
-    boundary = 0
-    for stage in stages[:-1]:
-        boundary += len(stage["epochs"])
-        for axis in (loss_axis, dice_axis):
-            axis.axvline(boundary + 0.5, color="grey", linestyle=":", linewidth=1)
+    start = 0
+    for stage in stages:
+        resolution = stage["invocations"][-1]["resolution"]
+        if start:
+            for axis in (loss_axis, dice_axis):
+                axis.axvline(start + 0.5, color="grey", linestyle=":", linewidth=1)
+        # Validation runs at the stage's resolution, so a jump at a boundary is a change of scale, not of the model.
+        dice_axis.annotate(f"{resolution}px", xy=(start + 1, 1.0), xycoords=("data", "axes fraction"),
+                           xytext=(2, -12), textcoords="offset points", fontsize=8, color="grey")
+        start += len(stage["epochs"])
     for axis, title in ((loss_axis, "BCE + Dice loss"), (dice_axis, "validation mean Dice")):
         axis.set_xlabel("epoch")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
