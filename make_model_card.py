@@ -132,8 +132,8 @@ def render_status(test: dict, validation: dict, stages: list[dict]) -> str:
         f"**Status.** Trained from scratch (no ImageNet weights) on a 2-core CPU: {epochs} epochs, "
         f"{hours:.1f} hours of training. Test mean Dice **{mean_dice:.4f}** (validation {validation['metrics']['mean_dice']:.4f}) "
         f"at {test['resolution']}x{test['resolution']}, which {verdict} the project's target of {TARGET_MEAN_DICE}; "
-        f"the last stage's validation curve is {curve_shape(stages[-1])}. The seed recipe with ImageNet weights on a GPU (see Training) "
-        "is the way to published-level figures; training continues in stages."
+        f"the last stage's validation curve is {curve_shape(stages[-1])}. The seed recipe with ImageNet weights on a "
+        "GPU (see Training) is the way to published-level figures; training continues in stages."
     )
 
 
