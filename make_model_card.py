@@ -107,10 +107,12 @@ def replace_model_index(text: str, test: dict) -> str:
     return f"{front}\n{model_index(test)}\n---\n{body}"
 
 
+def stage_hours(stage: dict) -> float:
+    return sum(e["data_seconds"] + e["model_seconds"] + e["eval_seconds"] for e in stage["epochs"]) / 3600
+
+
 def training_summary(stages: list[dict]) -> tuple[int, float]:
-    epochs = sum(len(stage["epochs"]) for stage in stages)
-    seconds = sum(e["data_seconds"] + e["model_seconds"] + e["eval_seconds"] for s in stages for e in s["epochs"])
-    return epochs, seconds / 3600
+    return sum(len(stage["epochs"]) for stage in stages), sum(stage_hours(stage) for stage in stages)
 
 
 def curve_shape(stage: dict) -> str:
@@ -164,7 +166,7 @@ def render_cpu_recipe(stages: list[dict]) -> str:
              "when the stage started), with these commands:\n"]
     for stage in stages:
         epochs = stage["epochs"]
-        hours = sum(e["data_seconds"] + e["model_seconds"] + e["eval_seconds"] for e in epochs) / 3600
+        hours = stage_hours(stage)
         best = max(epochs, key=lambda e: e["eval_mean_dice"])
         config = stage["invocations"][-1]
         crop = f", {config['train_crop_size']}x{config['train_crop_size']} crops" if config.get("train_crop_size") else ""
