@@ -199,11 +199,13 @@ def plot_training_curves(stages: list[dict], path: Path) -> None:
         dice_axis.annotate(f"{resolution}px", xy=(start + 1, 1.0), xycoords=("data", "axes fraction"),
                            xytext=(2, -12), textcoords="offset points", fontsize=8, color="grey")
         start += len(stage["epochs"])
-    for axis, title in ((loss_axis, "BCE + Dice loss"), (dice_axis, "validation mean Dice")):
+    # Both curves fall (loss) or rise (Dice) from left to right, leaving those corners free for the legend.
+    for axis, title, corner in ((loss_axis, "BCE + Dice loss", "upper right"),
+                                (dice_axis, "validation mean Dice", "lower right")):
         axis.set_xlabel("epoch")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-        axis.legend(loc="lower right")
+        axis.legend(loc=corner)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
