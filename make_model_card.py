@@ -189,6 +189,9 @@ def plot_training_curves(stages: list[dict], path: Path) -> None:
     loss_axis.plot(x, [e["train_loss"] for e in epochs], label="training loss")
     loss_axis.plot(x, [e["eval_loss"] for e in epochs], label="validation loss")
     dice_axis.plot(x, [e["eval_mean_dice"] for e in epochs], color="tab:green", label="validation mean Dice")
+    # Headroom above the Dice curve for the stage labels.
+    bottom, top = dice_axis.get_ylim()
+    dice_axis.set_ylim(bottom, top + 0.2 * (top - bottom))
     start = 0
     for stage in stages:
         resolution = stage["invocations"][-1]["resolution"]
@@ -196,8 +199,10 @@ def plot_training_curves(stages: list[dict], path: Path) -> None:
             for axis in (loss_axis, dice_axis):
                 axis.axvline(start + 0.5, color="grey", linestyle=":", linewidth=1)
         # Validation runs at the stage's resolution, so a jump at a boundary is a change of scale, not of the model.
-        dice_axis.annotate(f"{resolution}px", xy=(start + 1, 1.0), xycoords=("data", "axes fraction"),
-                           xytext=(2, -12), textcoords="offset points", fontsize=8, color="grey")
+        # Upright along the boundary, so that the labels of short stages do not run into each other.
+        dice_axis.annotate(f"{resolution}px", xy=(start + 0.5, 1.0), xycoords=("data", "axes fraction"),
+                           xytext=(2, -4), textcoords="offset points", rotation=90, ha="left", va="top",
+                           fontsize=8, color="grey")
         start += len(stage["epochs"])
     # Both curves fall (loss) or rise (Dice) from left to right, leaving those corners free for the legend.
     for axis, title, corner in ((loss_axis, "BCE + Dice loss", "upper right"),
