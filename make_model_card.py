@@ -170,6 +170,8 @@ def render_cpu_recipe(stages: list[dict]) -> str:
         best = max(epochs, key=lambda e: e["eval_mean_dice"])
         config = stage["invocations"][-1]
         crop = f", {config['train_crop_size']}x{config['train_crop_size']} crops" if config.get("train_crop_size") else ""
+        if config.get("train_scale"):
+            crop += ", random resized crops of {:.0%}–{:.0%} of the area".format(*config["train_scale"])
         lines.append(
             f"- **{stage['name']}**: {len(epochs)} epochs at {config['resolution']}x{config['resolution']}{crop}, "
             f"batch {config['total_batch_size']}, learning rate {config['learning_rate']}, {hours:.2f} h; best "

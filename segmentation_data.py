@@ -220,17 +220,35 @@ def decode_samples(
     return names, images, masks, problems
 
 
-def training_augmentation(crop_size: int | None = None) -> v2.Compose:
+class PolypRandomResizedCrop(v2.RandomResizedCrop):
+    """RandomResizedCrop that resamples masks with NEAREST_EXACT (pixel centres, as the image's bilinear does):
+    torchvision's default NEAREST shifts a magnified mask by up to half a source pixel against its image."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Mask):
+            return super().transform(inpt, params)
+        # `F.resized_crop` drops the interpolation for masks; `F.resize` honours NEAREST_EXACT.
+        cropped = v2.functional.crop(inpt, **params)
+        return v2.functional.resize(cropped, self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
+
+
+def training_augmentation(crop_size: int | None = None, scale: tuple[float, float] | None = None) -> v2.Compose:
     """The seed recipe's augmentation: flips, rotation within +/-30 degrees, brightness/contrast/saturation +/-20 %
     (image only: v2 passes `tv_tensors.Mask` through colour transforms and resamples it with nearest-neighbour), and
-    an optional random crop."""
-    transforms = [
+    an optional random crop of side `crop_size`. With `scale`, the crop covers that range of the image's area and is
+    resized to `crop_size` (as timm's RandomResizedCrop), so the model also sees polyps larger than they are."""
+    if scale is not None and crop_size is None:
+        raise ValueError("A scale range needs the crop_size the crops are resized to.")
+    transforms = []
+    if scale is not None:
+        transforms.append(PolypRandomResizedCrop(crop_size, scale=scale, antialias=True))
+    transforms += [
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
         v2.RandomRotation(degrees=30),
         v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
     ]
-    if crop_size is not None:
+    if crop_size is not None and scale is None:
         transforms.append(v2.RandomCrop(crop_size))
     return v2.Compose(transforms)
 

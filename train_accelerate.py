@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train_crop_size", type=int, default=None,
                       help="Train on random crops of this side taken from the resized images (cheaper steps at the "
                            "final scale); validation still sees whole images.")
+    data.add_argument("--train_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                      help="Random resized crops covering this fraction of each training image's area (e.g. 0.5 1.0), "
+                           "resized back to --train_crop_size or --resolution: scale augmentation.")
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--max_eval_samples", type=int, default=None)
     data.add_argument("--skip_bad_samples", action="store_true",
@@ -121,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--checkpointing_steps must be 'epoch' or a positive integer, got {args.checkpointing_steps!r}.")
     if args.train_crop_size is not None and args.train_crop_size > args.resolution:
         parser.error(f"--train_crop_size {args.train_crop_size} is larger than --resolution {args.resolution}.")
+    if args.train_scale is not None and not 0 < args.train_scale[0] <= args.train_scale[1] <= 1:
+        parser.error(f"--train_scale must be two area fractions 0 < MIN <= MAX <= 1, got {args.train_scale}.")
     return args
 
 
@@ -217,7 +222,11 @@ def build_datasets(args: argparse.Namespace, processor):
         if not names:
             raise DataError(f"The {split} split of {args.dataset_name} has no usable sample.")
     mean, std = processor.image_mean, processor.image_std
-    train = PolypSegmentationDataset(*decoded["train"], mean, std, training_augmentation(args.train_crop_size), args.seed)
+    if args.train_scale is None:
+        augmentation = training_augmentation(args.train_crop_size)
+    else:
+        augmentation = training_augmentation(args.train_crop_size or args.resolution, tuple(args.train_scale))
+    train = PolypSegmentationDataset(*decoded["train"], mean, std, augmentation, args.seed)
     validation = PolypSegmentationDataset(*decoded["validation"], mean, std)
     return train, validation
 
@@ -531,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run_config = {
         "encoder_name": config.encoder_name, "resolution": args.resolution, "train_crop_size": args.train_crop_size,
+        "train_scale": args.train_scale,
         "num_train_epochs": num_train_epochs, "max_train_steps": max_train_steps,
         "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "warmup_ratio": args.warmup_ratio,
@@ -546,7 +556,9 @@ def main(argv: list[str] | None = None) -> None:
             log_file.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
                                        **run_config}) + "\n")
     if args.report_to != "none":
-        accelerator.init_trackers("attention_unet", {k: v if v is not None else "" for k, v in run_config.items()})
+        # TensorBoard's hparams take only scalars and strings.
+        hparams = {k: "" if v is None else str(v) if isinstance(v, list) else v for k, v in run_config.items()}
+        accelerator.init_trackers("attention_unet", hparams)
 
     state = load_checkpoint(accelerator, args) or {
         "epoch": 0, "step_in_epoch": 0, "completed_steps": 0, "best_dice": -1.0, "best_epoch": None,

@@ -50,21 +50,60 @@ def test_local_folder_without_derived_split_files_uses_the_rule(kvasir_root, tmp
         assert sorted(s.name for s in derived[split]) == sorted(s.name for s in shared[split])
 
 
-def test_augmentation_keeps_image_and_mask_aligned():
-    """A mask drawn into the image must still coincide with the mask after flips, rotation and jitter."""
+def drawn_sample() -> tuple[torch.Tensor, torch.Tensor]:
+    """A `(3, 96, 96)` image whose bright pixels are exactly its `(96, 96)` mask."""
     mask = torch.zeros(96, 96, dtype=torch.bool)
     mask[20:50, 30:80] = True
     mask[60:90, 10:25] = True
-    image = torch.where(mask, 230, 20).to(torch.uint8).expand(3, -1, -1).clone()
-    dataset = PolypSegmentationDataset(["drawn"], [image], [mask], (0, 0, 0), (1, 1, 1), training_augmentation(), seed=1)
+    return torch.where(mask, 230, 20).to(torch.uint8).expand(3, -1, -1).clone(), mask
+
+
+@pytest.mark.parametrize(
+    "augmentation_kwargs",
+    [{}, {"crop_size": 64}, {"crop_size": 96, "scale": (0.3, 1.0)}, {"crop_size": 80, "scale": (0.3, 0.6)}],
+    ids=["whole", "crop", "scale", "scaled-crop"],
+)
+def test_augmentation_keeps_image_and_mask_aligned(augmentation_kwargs):
+    """A mask drawn into the image must still coincide with the mask after crops, flips, rotation and jitter."""
+    image, mask = drawn_sample()
+    augmentation = training_augmentation(**augmentation_kwargs)
+    dataset = PolypSegmentationDataset(["drawn"], [image], [mask], (0, 0, 0), (1, 1, 1), augmentation, seed=1)
     for epoch in range(8):
         dataset.set_epoch(epoch)
         item = dataset[0]
         drawn = item["pixel_values"].mean(0) > 0.5
         labels = item["labels"].bool()
         assert set(item["labels"].unique().tolist()) <= {0.0, 1.0}
+        assert labels.shape == (augmentation_kwargs.get("crop_size", 96),) * 2
+        if not labels.any():
+            continue  # a crop may miss both objects; what it shows must still agree
         iou = (drawn & labels).sum() / (drawn | labels).sum()
         assert iou > 0.95, f"epoch {epoch}: image and mask drifted apart (IoU {iou:.3f})"
+
+
+def test_scale_augmentation_enlarges_objects_and_needs_an_output_size():
+    """Crops covering 30-50 % of the area, resized back to the full side, magnify what they show."""
+    image, mask = drawn_sample()
+    dataset = PolypSegmentationDataset(
+        ["drawn"], [image], [mask], (0, 0, 0), (1, 1, 1), training_augmentation(96, scale=(0.3, 0.5)), seed=2
+    )
+    areas = []
+    for epoch in range(16):
+        dataset.set_epoch(epoch)
+        areas.append(dataset[0]["labels"].sum().item())
+    # Flips and rotation keep the drawn area (or clip it); only magnification can grow it by half.
+    assert max(areas) > 1.5 * mask.sum().item(), areas
+    with pytest.raises(ValueError, match="crop_size"):
+        training_augmentation(scale=(0.5, 1.0))
+
+
+@pytest.mark.parametrize("scale", [["0", "1"], ["0.8", "0.5"], ["0.5", "1.5"]])
+def test_train_scale_outside_the_unit_interval_is_refused(scale, tmp_path, capsys):
+    import train_accelerate
+
+    with pytest.raises(SystemExit):
+        train_accelerate.parse_args(["--output_dir", str(tmp_path), "--train_scale", *scale])
+    assert "--train_scale" in capsys.readouterr().err
 
 
 def test_augmentation_is_reproducible_per_seed_epoch_and_index():
