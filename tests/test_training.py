@@ -263,6 +263,16 @@ def test_two_processes_end_with_identical_weights(kvasir_root, tmp_path):
     assert "2 process(es) on cpu" in completed.stderr
 
 
+def test_scale_augmented_run_logs_its_recipe_to_tensorboard(kvasir_root, tmp_path):
+    """The run config (with the list-valued scale range) must go through TensorBoard's hparams and into the logs."""
+    run_training(tmp_path, kvasir_root, "--max_train_steps", "1", "--train_scale", "0.5", "1.0",
+                 "--report_to", "tensorboard")
+    invocation = json.loads((tmp_path / "invocations.jsonl").read_text().splitlines()[-1])
+    assert invocation["train_scale"] == [0.5, 1.0]
+    assert "--train_scale 0.5 1.0" in invocation["command"]
+    assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+
+
 def test_default_convnext_tiny_trains_one_step(kvasir_root, tmp_path):
     command = [
         sys.executable, str(REPO_ROOT / "train_accelerate.py"), "--dataset_name", str(kvasir_root),
