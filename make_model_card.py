@@ -3,9 +3,10 @@
 
     python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split validation --output_json eval/validation.json
     python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
+    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --tta --output_json eval/test_tta.json
     python make_model_card.py --dataset_name ../shared/data/kvasir-seg
 
-Reads `eval/*.json` (written by evaluate.py for the weights at the root) and `training/<stage>/` (each training
+Reads `eval/*.json` (written by evaluate.py for the weights at the root; `test_tta.json` is optional) and `training/<stage>/` (each training
 stage's `metrics.jsonl` and `invocations.jsonl`, copied from its --output_dir), and rewrites: the `model-index` in the
 card's metadata, the status, results and CPU-recipe sections, `assets/training_curves.png` and
 `assets/test_predictions.png`. Nothing in those parts is typed by hand.
@@ -139,9 +140,9 @@ def render_status(test: dict, validation: dict, stages: list[dict]) -> str:
     )
 
 
-def render_results(test: dict, validation: dict, stages: list[dict], has_figure: bool) -> str:
+def render_results(results: list[dict], has_figure: bool) -> str:
     parts = []
-    for result in (test, validation):
+    for result in results:
         parts.append(
             f"**{result['split'].capitalize()} split** ({result['num_images']} images, "
             f"{result['resolution']}x{result['resolution']}, threshold {result['threshold']}"
@@ -149,9 +150,10 @@ def render_results(test: dict, validation: dict, stages: list[dict], has_figure:
         )
     parts.append(
         "\"Mean over images\" is the polyp literature's mDice / mIoU; \"pooled\" counts every pixel of the split once.\n"
-        f"Weights sha256 `{test['weights_sha256'][:16]}…`; test file list sha256 `{test['split_sha256'][:16]}…`. "
-        "Reproduce (the tables are generated from the JSON these write):\n\n```bash\n"
-        f"{validation['command']}\n{test['command']}\npython make_model_card.py --dataset_name ../shared/data/kvasir-seg\n```\n"
+        f"Weights sha256 `{results[0]['weights_sha256'][:16]}…`; test file list sha256 "
+        f"`{results[0]['split_sha256'][:16]}…`. Reproduce (the tables are generated from the JSON these write):\n\n"
+        "```bash\n" + "".join(f"{result['command']}\n" for result in results)
+        + "python make_model_card.py --dataset_name ../shared/data/kvasir-seg\n```\n"
     )
     parts.append("![Training curves](assets/training_curves.png)\n")
     if has_figure:
@@ -248,13 +250,16 @@ def plot_test_predictions(dataset_name: str, num_examples: int, path: Path) -> N
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     eval_dir, readme = Path(args.eval_dir), Path(args.readme)
-    test = json.loads((eval_dir / "test.json").read_text())
-    validation = json.loads((eval_dir / "validation.json").read_text())
+    # The test table leads (the model-index holds its figures); flip TTA, if measured, follows it.
+    names = ["test.json", "validation.json"]
+    if (eval_dir / "test_tta.json").is_file():
+        names.insert(1, "test_tta.json")
+    results = [json.loads((eval_dir / name).read_text()) for name in names]
+    test, validation = results[0], results[-1]
     weights = REPO_ROOT / "model.safetensors"
-    for result in (test, validation):
+    for name, result in zip(names, results):
         if result["weights_sha256"] != sha256(weights):
-            raise ValueError(f"{eval_dir / (result['split'] + '.json')} was measured on other weights than "
-                             f"{weights}: run evaluate.py again.")
+            raise ValueError(f"{eval_dir / name} was measured on other weights than {weights}: run evaluate.py again.")
     stages = load_stages(Path(args.training_dir))
     assets = Path(args.assets_dir)
     assets.mkdir(exist_ok=True)
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     text = readme.read_text()
     text = replace_model_index(text, test)
     text = replace_block(text, "status", render_status(test, validation, stages))
-    text = replace_block(text, "results", render_results(test, validation, stages, has_figure))
+    text = replace_block(text, "results", render_results(results, has_figure))
     text = replace_block(text, "cpu-recipe", render_cpu_recipe(stages))
     readme.write_text(text)
     print(f"Updated {readme} and {assets}/.")

@@ -23,17 +23,22 @@ def shipped_weights():
     return WEIGHTS
 
 
-@pytest.fixture(scope="module")
-def fresh_test_evaluation(shipped_weights, kvasir_root, tmp_path_factory) -> dict:
-    output_json = tmp_path_factory.mktemp("eval") / "test.json"
-    recorded = json.loads((REPO_ROOT / "eval" / "test.json").read_text())
+def evaluate_like(recorded_name: str, kvasir_root, output_json) -> dict:
+    """Runs evaluate.py on the shipped weights with the settings of the card's `eval/<recorded_name>`."""
+    recorded = json.loads((REPO_ROOT / "eval" / recorded_name).read_text())
     completed = subprocess.run(
         [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", str(REPO_ROOT), "--dataset_name", str(kvasir_root),
-         "--split", "test", "--resolution", str(recorded["resolution"]), "--output_json", str(output_json)],
+         "--split", recorded["split"], "--resolution", str(recorded["resolution"]), "--output_json", str(output_json),
+         *(["--tta"] if recorded["tta"] else [])],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(output_json.read_text())
+
+
+@pytest.fixture(scope="module")
+def fresh_test_evaluation(shipped_weights, kvasir_root, tmp_path_factory) -> dict:
+    return evaluate_like("test.json", kvasir_root, tmp_path_factory.mktemp("eval") / "test.json")
 
 
 def card_model_index_mean_dice() -> float:
@@ -47,15 +52,27 @@ def test_shipped_checkpoint_does_not_regress_below_the_card(fresh_test_evaluatio
     assert fresh_test_evaluation["metrics"]["mean_dice"] >= card_model_index_mean_dice() - 0.005
 
 
-def test_card_table_matches_evaluate_output_for_the_shipped_weights(fresh_test_evaluation, shipped_weights):
-    recorded = json.loads((REPO_ROOT / "eval" / "test.json").read_text())
-    assert recorded["weights_sha256"] == hashlib.sha256(shipped_weights.read_bytes()).hexdigest(), (
-        "eval/test.json was measured on other weights: rerun evaluate.py and make_model_card.py"
+def assert_card_table_matches(recorded_name: str, fresh: dict, weights) -> None:
+    recorded = json.loads((REPO_ROOT / "eval" / recorded_name).read_text())
+    assert recorded["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest(), (
+        f"eval/{recorded_name} was measured on other weights: rerun evaluate.py and make_model_card.py"
     )
-    assert recorded["split_sha256"] == fresh_test_evaluation["split_sha256"]
-    table = format_table(fresh_test_evaluation["metrics"], fresh_test_evaluation["loss"])
-    assert table in README.read_text(), "the card's test table differs from what evaluate.py measures now"
+    assert recorded["split_sha256"] == fresh["split_sha256"]
+    table = format_table(fresh["metrics"], fresh["loss"])
+    assert table in README.read_text(), f"the card's table for eval/{recorded_name} differs from evaluate.py's now"
+
+
+def test_card_table_matches_evaluate_output_for_the_shipped_weights(fresh_test_evaluation, shipped_weights):
+    assert_card_table_matches("test.json", fresh_test_evaluation, shipped_weights)
     assert card_model_index_mean_dice() == pytest.approx(fresh_test_evaluation["metrics"]["mean_dice"], abs=1e-4)
+
+
+def test_card_flip_tta_table_matches_evaluate_output(shipped_weights, kvasir_root, tmp_path):
+    if not (REPO_ROOT / "eval" / "test_tta.json").is_file():
+        pytest.skip("the card has no flip-TTA figures (eval/test_tta.json)")
+    fresh = evaluate_like("test_tta.json", kvasir_root, tmp_path / "test_tta.json")
+    assert fresh["tta"]
+    assert_card_table_matches("test_tta.json", fresh, shipped_weights)
 
 
 def test_demo_segments_an_example_image_with_the_shipped_checkpoint(shipped_weights, tmp_path):
