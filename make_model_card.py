@@ -6,10 +6,10 @@
     python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --tta --output_json eval/test_tta.json
     python make_model_card.py --dataset_name ../shared/data/kvasir-seg
 
-Reads `eval/*.json` (written by evaluate.py for the weights at the root; `test_tta.json` is optional) and `training/<stage>/` (each training
-stage's `metrics.jsonl` and `invocations.jsonl`, copied from its --output_dir), and rewrites: the `model-index` in the
-card's metadata, the status, results and CPU-recipe sections, `assets/training_curves.png` and
-`assets/test_predictions.png`. Nothing in those parts is typed by hand.
+Reads `eval/*.json` (written by evaluate.py for the weights at the root; `test_tta.json` is optional) and
+`training/<stage>/` (each training stage's `metrics.jsonl` and `invocations.jsonl`, copied from its --output_dir), and
+rewrites: the `model-index` in the card's metadata, the status, results and CPU-recipe sections,
+`assets/training_curves.png` and `assets/test_predictions.png`. Nothing in those parts is typed by hand.
 """
 
 import argparse

@@ -220,7 +220,7 @@ def decode_samples(
     return names, images, masks, problems
 
 
-class PolypRandomResizedCrop(v2.RandomResizedCrop):
+class MaskAlignedRandomResizedCrop(v2.RandomResizedCrop):
     """RandomResizedCrop that resamples masks with NEAREST_EXACT (pixel centres, as the image's bilinear does):
     torchvision's default NEAREST shifts a magnified mask by up to half a source pixel against its image."""
 
@@ -241,7 +241,7 @@ def training_augmentation(crop_size: int | None = None, scale: tuple[float, floa
         raise ValueError("A scale range needs the crop_size the crops are resized to.")
     transforms = []
     if scale is not None:
-        transforms.append(PolypRandomResizedCrop(crop_size, scale=scale, antialias=True))
+        transforms.append(MaskAlignedRandomResizedCrop(crop_size, scale=scale, antialias=True))
     transforms += [
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
