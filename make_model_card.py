@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 import matplotlib
@@ -50,14 +51,19 @@ def load_jsonl(path: Path) -> list[dict]:
 
 
 def load_stages(training_dir: Path) -> list[dict]:
+    """The training stages in the order they ran (by their first invocation's start time, not by folder name:
+    `stage10` sorts before `stage2`)."""
     stages = []
-    for folder in sorted(p for p in training_dir.iterdir() if p.is_dir()):
-        stages.append({
-            "name": folder.name,
-            "epochs": load_jsonl(folder / "metrics.jsonl"),
-            "invocations": load_jsonl(folder / "invocations.jsonl"),
-        })
-    return stages
+    for folder in (p for p in training_dir.iterdir() if p.is_dir()):
+        invocations = load_jsonl(folder / "invocations.jsonl")
+        if not invocations:
+            raise ValueError(f"{folder / 'invocations.jsonl'} is empty: copy it from the stage's --output_dir.")
+        stages.append({"name": folder.name, "epochs": load_jsonl(folder / "metrics.jsonl"), "invocations": invocations})
+    return sorted(stages, key=stage_started)
+
+
+def stage_started(stage: dict) -> datetime:
+    return datetime.strptime(stage["invocations"][0]["started"], "%Y-%m-%dT%H:%M:%S%z")
 
 
 def sha256(path: Path) -> str:

@@ -86,3 +86,28 @@ def test_demo_segments_an_example_image_with_the_shipped_checkpoint(shipped_weig
     mask = PIL.Image.open(tmp_path / f"{example.stem}_mask.png")
     assert mask.size == PIL.Image.open(example).size
     assert (tmp_path / f"{example.stem}_overlay.png").is_file()
+
+
+def write_stage(training_dir, name: str, started: str) -> None:
+    folder = training_dir / name
+    folder.mkdir(parents=True)
+    (folder / "invocations.jsonl").write_text(json.dumps({"started": started, "command": f"run {name}"}) + "\n")
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "eval_mean_dice": 0.5}) + "\n")
+
+
+def test_card_lists_training_stages_in_the_order_they_ran_not_by_folder_name(tmp_path):
+    from make_model_card import load_stages
+
+    write_stage(tmp_path, "stage10", "2026-11-26T13:00:00+0000")
+    write_stage(tmp_path, "stage9", "2026-11-26T10:13:43+0000")
+    write_stage(tmp_path, "stage2", "2026-11-26T01:01:37+0000")
+    assert [stage["name"] for stage in load_stages(tmp_path)] == ["stage2", "stage9", "stage10"]
+
+
+def test_card_refuses_a_stage_without_its_commands(tmp_path):
+    from make_model_card import load_stages
+
+    write_stage(tmp_path, "stage1", "2026-11-26T01:01:37+0000")
+    (tmp_path / "stage1" / "invocations.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"stage1/invocations\.jsonl is empty"):
+        load_stages(tmp_path)
