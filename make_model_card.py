@@ -177,11 +177,13 @@ def render_cpu_recipe(stages: list[dict]) -> str:
         hours = stage_hours(stage)
         best = max(epochs, key=lambda e: e["eval_mean_dice"])
         config = stage["invocations"][-1]
-        crop = f", {config['train_crop_size']}x{config['train_crop_size']} crops" if config.get("train_crop_size") else ""
+        recipe = f", {config['train_crop_size']}x{config['train_crop_size']} crops" if config.get("train_crop_size") else ""
         if config.get("train_scale"):
-            crop += ", random resized crops of {:.0%}–{:.0%} of the area".format(*config["train_scale"])
+            recipe += ", random resized crops of {:.0%}–{:.0%} of the area".format(*config["train_scale"])
+        if config.get("model_ema_decay"):
+            recipe += f", weights averaged (EMA decay {config['model_ema_decay']})"
         lines.append(
-            f"- **{stage['name']}**: {len(epochs)} epochs at {config['resolution']}x{config['resolution']}{crop}, "
+            f"- **{stage['name']}**: {len(epochs)} epochs at {config['resolution']}x{config['resolution']}{recipe}, "
             f"batch {config['total_batch_size']}, learning rate {config['learning_rate']}, {hours:.2f} h; best "
             f"validation mDice {best['eval_mean_dice']:.4f} at epoch {best['epoch']}."
         )

@@ -27,6 +27,8 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import load as accelerate_load
+from safetensors.torch import load_model, save_model
+from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, get_scheduler
 
@@ -47,6 +49,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.json"
 METRICS_FILE = "metrics.jsonl"
 INVOCATIONS_FILE = "invocations.jsonl"
+MODEL_EMA_FILE = "model_ema.safetensors"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--weight_decay", type=float, default=1e-4)
     training.add_argument("--lr_scheduler_type", default="cosine")
     training.add_argument("--warmup_ratio", type=float, default=0.05)
+    training.add_argument("--model_ema_decay", type=float, default=None,
+                          help="Keep an exponential moving average of the weights with this decay per optimiser step "
+                               "(e.g. 0.998), and validate and save it instead of the raw weights (timm's ModelEmaV3).")
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="fp16",
                           help="fp16 falls back to fp32 (with a warning) where there is no GPU.")
     training.add_argument("--seed", type=int, default=42)
@@ -126,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--train_crop_size {args.train_crop_size} is larger than --resolution {args.resolution}.")
     if args.train_scale is not None and not 0 < args.train_scale[0] <= args.train_scale[1] <= 1:
         parser.error(f"--train_scale must be two area fractions 0 < MIN <= MAX <= 1, got {args.train_scale}.")
+    if args.model_ema_decay is not None and not 0 < args.model_ema_decay < 1:
+        parser.error(f"--model_ema_decay must lie in (0, 1), got {args.model_ema_decay}.")
     return args
 
 
@@ -280,9 +288,10 @@ def writing(target: Path, intact: str):
         raise
 
 
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: dict, model) -> None:
-    """`accelerator.save_state` plus the loop's position, into a temporary folder renamed when complete, so a kill
-    or a full disk never leaves a half-written checkpoint for `latest` to pick."""
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: dict, model,
+                    model_ema: ModelEmaV3 | None) -> None:
+    """`accelerator.save_state` plus the loop's position (and the weights' moving average), into a temporary folder
+    renamed when complete, so a kill or a full disk never leaves a half-written checkpoint for `latest` to pick."""
     if not all(torch.isfinite(p).all() for p in accelerator.unwrap_model(model).parameters()):
         raise FloatingPointError(
             f"Non-finite weights at optimiser step {state['completed_steps']}: not saving them. The last good "
@@ -298,6 +307,8 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: d
         accelerator.save_state(str(partial))
         if accelerator.is_main_process:
             (partial / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
+            if model_ema is not None:
+                save_model(model_ema.module, str(partial / MODEL_EMA_FILE))
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -308,7 +319,9 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: d
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, args: argparse.Namespace) -> dict | None:
+def load_checkpoint(
+    accelerator: Accelerator, args: argparse.Namespace, model_ema: ModelEmaV3 | None
+) -> dict | None:
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
@@ -328,7 +341,12 @@ def load_checkpoint(accelerator: Accelerator, args: argparse.Namespace) -> dict 
             accelerate_load(rng_file)
         except Exception as error:
             raise ValueError(f"{rng_file}: not a random-state file written by accelerate ({error}).") from error
+    if model_ema is not None and not (checkpoint / MODEL_EMA_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {MODEL_EMA_FILE}: it was saved without --model_ema_decay, so "
+                                "the moving average cannot be resumed. Resume without --model_ema_decay.")
     accelerator.load_state(str(checkpoint))
+    if model_ema is not None:
+        load_model(model_ema.module, str(checkpoint / MODEL_EMA_FILE), device=str(accelerator.device))
     state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
     logger.info(f"Resumed from {checkpoint}: epoch {state['epoch']}, step {state['completed_steps']}.")
     return state
@@ -336,6 +354,7 @@ def load_checkpoint(accelerator: Accelerator, args: argparse.Namespace) -> dict 
 
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator: Accelerator, threshold: float) -> dict[str, float]:
+    was_training = model.training
     model.eval()
     counts, losses, weights = [], [], []
     for batch in dataloader:
@@ -345,7 +364,7 @@ def evaluate(model, dataloader, accelerator: Accelerator, threshold: float) -> d
         batch_size = torch.tensor([len(batch["labels"])], device=accelerator.device, dtype=torch.float32)
         losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float()[None] * batch_size))
         weights.append(accelerator.gather_for_metrics(batch_size))
-    model.train()
+    model.train(was_training)
     summary = summarize(torch.cat(counts).cpu())
     summary["loss"] = (torch.cat(losses).sum() / torch.cat(weights).sum()).item()
     return summary
@@ -537,10 +556,13 @@ def main(argv: list[str] | None = None) -> None:
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
+    # Validated and saved in place of the raw weights; every process keeps an identical copy.
+    model_ema = None if args.model_ema_decay is None else ModelEmaV3(accelerator.unwrap_model(model), args.model_ema_decay)
+    evaluated_model = model if model_ema is None else model_ema.module
 
     run_config = {
         "encoder_name": config.encoder_name, "resolution": args.resolution, "train_crop_size": args.train_crop_size,
-        "train_scale": args.train_scale,
+        "train_scale": args.train_scale, "model_ema_decay": args.model_ema_decay,
         "num_train_epochs": num_train_epochs, "max_train_steps": max_train_steps,
         "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "warmup_ratio": args.warmup_ratio,
@@ -560,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
         hparams = {k: "" if v is None else str(v) if isinstance(v, list) else v for k, v in run_config.items()}
         accelerator.init_trackers("attention_unet", hparams)
 
-    state = load_checkpoint(accelerator, args) or {
+    state = load_checkpoint(accelerator, args, model_ema) or {
         "epoch": 0, "step_in_epoch": 0, "completed_steps": 0, "best_dice": -1.0, "best_epoch": None,
     }
     pusher = HubPusher(args) if args.push_to_hub and accelerator.is_main_process else None
@@ -603,15 +625,18 @@ def main(argv: list[str] | None = None) -> None:
             if accelerator.sync_gradients:
                 step_in_epoch += 1
                 state["completed_steps"] += 1
+                if model_ema is not None:
+                    model_ema.update(accelerator.unwrap_model(model), step=state["completed_steps"])
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_seen / (data_seconds + model_seconds):.2f}")
                 if checkpoint_every and state["completed_steps"] % checkpoint_every == 0:
-                    save_checkpoint(accelerator, args, {**state, "epoch": epoch, "step_in_epoch": step_in_epoch}, model)
+                    save_checkpoint(accelerator, args, {**state, "epoch": epoch, "step_in_epoch": step_in_epoch}, model,
+                                    model_ema)
                 if state["completed_steps"] >= max_train_steps:
                     break
 
         eval_start = time.perf_counter()
-        metrics = evaluate(model, eval_dataloader, accelerator, config.threshold)
+        metrics = evaluate(evaluated_model, eval_dataloader, accelerator, config.threshold)
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
         record = {
             "epoch": epoch + 1, "step": state["completed_steps"], "train_loss": train_loss,
@@ -632,9 +657,10 @@ def main(argv: list[str] | None = None) -> None:
         improved = metrics["mean_dice"] > state["best_dice"]
         if improved:
             state.update(best_dice=metrics["mean_dice"], best_epoch=epoch + 1)
-            save_best_model(accelerator, model, processor, args, {"epoch": epoch + 1, "eval": metrics}, run_config)
+            save_best_model(accelerator, evaluated_model, processor, args, {"epoch": epoch + 1, "eval": metrics},
+                            run_config)
         if args.checkpointing_steps == "epoch" or state["completed_steps"] >= max_train_steps:
-            save_checkpoint(accelerator, args, state, model)
+            save_checkpoint(accelerator, args, state, model, model_ema)
         if pusher is not None and improved:
             pusher.push(f"epoch {epoch + 1}: validation mDice {metrics['mean_dice']:.4f}")
         if state["completed_steps"] >= max_train_steps:

@@ -106,6 +106,15 @@ def test_train_scale_outside_the_unit_interval_is_refused(scale, tmp_path, capsy
     assert "--train_scale" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("decay", ["0", "1", "1.5"])
+def test_model_ema_decay_outside_the_unit_interval_is_refused(decay, tmp_path, capsys):
+    import train_accelerate
+
+    with pytest.raises(SystemExit):
+        train_accelerate.parse_args(["--output_dir", str(tmp_path), "--model_ema_decay", decay])
+    assert "--model_ema_decay must lie in (0, 1)" in capsys.readouterr().err
+
+
 def test_augmentation_is_reproducible_per_seed_epoch_and_index():
     image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
     mask = torch.rand(32, 32) > 0.5
@@ -252,6 +261,44 @@ def test_resume_mid_epoch_ends_with_the_same_weights(uninterrupted_run_with_step
     run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "3",
                  "--resume_from_checkpoint", str(mid_epoch))
     assert_same_weights(final_weights(tmp_path), final_weights(output_dir))
+
+
+@pytest.fixture(scope="module")
+def model_ema_run(kvasir_root, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("model_ema")
+    run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "epoch",
+                 "--model_ema_decay", "0.9")
+    return output_dir
+
+
+def test_model_ema_leaves_the_raw_training_unchanged(model_ema_run, uninterrupted_run):
+    assert_same_weights(final_weights(model_ema_run), final_weights(uninterrupted_run[0]))
+
+
+def test_model_ema_is_the_model_validated_and_saved(model_ema_run):
+    best_epoch = json.loads((model_ema_run / "eval_results.json").read_text())["epoch"]
+    best_checkpoint = model_ema_run / "checkpoints" / f"checkpoint-{4 * best_epoch}"
+    average = load_file(best_checkpoint / "model_ema.safetensors")
+    raw = load_file(best_checkpoint / "model.safetensors")
+    assert not all(torch.equal(average[name], raw[name]) for name in raw)
+    assert_same_weights(load_file(model_ema_run / "model.safetensors"), average)
+    assert json.loads((model_ema_run / "invocations.jsonl").read_text())["model_ema_decay"] == 0.9
+
+
+def test_resume_restores_the_model_ema(model_ema_run, kvasir_root, tmp_path):
+    run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "epoch",
+                 "--model_ema_decay", "0.9", "--resume_from_checkpoint",
+                 str(model_ema_run / "checkpoints" / "checkpoint-4"))
+    resumed, uninterrupted = (load_file(run / "checkpoints" / "checkpoint-8" / "model_ema.safetensors")
+                              for run in (tmp_path, model_ema_run))
+    assert_same_weights(resumed, uninterrupted)
+
+
+def test_resuming_a_run_without_model_ema_into_one_with_it_is_refused(uninterrupted_run, kvasir_root, tmp_path):
+    checkpoint = uninterrupted_run[0] / "checkpoints" / "checkpoint-4"
+    with pytest.raises(AssertionError, match="has no model_ema.safetensors"):
+        run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--model_ema_decay", "0.9",
+                     "--resume_from_checkpoint", str(checkpoint))
 
 
 def test_two_processes_end_with_identical_weights(kvasir_root, tmp_path):
