@@ -235,7 +235,7 @@ def resume_in_process(resumable_run, checkpoint: Path):
     train_accelerate, accelerator, args, _ = resumable_run
     with global_rng_kept():
         return train_accelerate.load_checkpoint(accelerator, argparse.Namespace(
-            **{**vars(args), "resume_from_checkpoint": str(checkpoint)}))
+            **{**vars(args), "resume_from_checkpoint": str(checkpoint)}), model_ema=None)
 
 
 def test_resume_from_the_genuine_checkpoint_works(resumable_run):
