@@ -22,6 +22,13 @@ class AttentionUNetConfig(PretrainedConfig):
             Whether skip connections pass through attention gates. `False` gives a plain U-Net (for ablations).
         attention_channels_ratio (`float`, *optional*, defaults to 0.5):
             Channels of a gate's intermediate map, as a fraction of its skip connection's channels.
+        attention_gate_output_transform (`bool`, *optional*, defaults to `True`):
+            Whether each gated skip passes through the paper's output transform (1x1 convolution and BatchNorm) before
+            it joins the decoder. The v1 weights were trained without it (`False`).
+        decoder_upsampling (`str`, *optional*, defaults to `"nearest"`):
+            How each decoder stage doubles its input's resolution: `"nearest"` upsamples the whole coarse feature
+            (as smp's U-Net), which the fit probe showed to learn faster; `"transposed_conv"` is a learned 2x2
+            transposed convolution to the stage's output channels (the v1 weights).
         num_channels (`int`, *optional*, defaults to 3):
             Number of input image channels.
         image_size (`int`, *optional*, defaults to 256):
@@ -52,6 +59,8 @@ class AttentionUNetConfig(PretrainedConfig):
     decoder_channels: list[int] | tuple[int, ...] = (256, 128, 64, 32, 16)
     use_attention_gates: bool = True
     attention_channels_ratio: float | int = 0.5
+    attention_gate_output_transform: bool = True
+    decoder_upsampling: str = "nearest"
     num_channels: int = 3
     image_size: int = 256
     num_output_channels: int = 1
@@ -85,6 +94,10 @@ class AttentionUNetConfig(PretrainedConfig):
         bad = [c for c in self.decoder_channels if not isinstance(c, int) or isinstance(c, bool) or c <= 0]
         if bad:
             raise ValueError(f"`decoder_channels` must hold positive integers, got {self.decoder_channels}.")
+        if self.decoder_upsampling not in DECODER_UPSAMPLING_MODES:
+            raise ValueError(
+                f"`decoder_upsampling` must be one of {list(DECODER_UPSAMPLING_MODES)}, got {self.decoder_upsampling!r}."
+            )
         if not 0.0 < self.attention_channels_ratio <= 1.0:
             raise ValueError(f"`attention_channels_ratio` must lie in (0, 1], got {self.attention_channels_ratio}.")
         for name in ("num_channels", "image_size", "num_output_channels"):
@@ -98,9 +111,10 @@ class AttentionUNetConfig(PretrainedConfig):
             raise ValueError(f"`drop_path_rate` must lie in [0, 1), got {self.drop_path_rate}.")
 
 
+DECODER_UPSAMPLING_MODES = ("nearest", "transposed_conv")
 _CHECKED_FIELDS = {
-    "encoder_name", "decoder_channels", "attention_channels_ratio", "num_channels", "image_size", "num_output_channels",
-    "loss_alpha", "threshold", "drop_path_rate",
+    "encoder_name", "decoder_channels", "attention_channels_ratio", "decoder_upsampling", "num_channels", "image_size",
+    "num_output_channels", "loss_alpha", "threshold", "drop_path_rate",
 }
 
 __all__ = ["AttentionUNetConfig"]

@@ -42,7 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--assets_dir", default=str(REPO_ROOT / "assets"))
     parser.add_argument("--dataset_name", default=None,
                         help="Local Kvasir-SEG folder for the prediction figure (skipped without it).")
-    parser.add_argument("--num_examples", type=int, default=4)
+    parser.add_argument("--num_examples", type=int, default=5,
+                        help="Test frames in the prediction figure, from the worst Dice to the best.")
+    parser.add_argument("--fit_probe_results", default=str(REPO_ROOT / "benchmarks" / "fit_probe.jsonl"),
+                        help="Results of benchmarks/fit_probe.py --output_jsonl, for the card's fit-probe table.")
     return parser.parse_args(argv)
 
 
@@ -164,7 +167,8 @@ def render_results(results: list[dict], has_figure: bool) -> str:
     parts.append("![Training curves](assets/training_curves.png)\n")
     if has_figure:
         parts.append("![Test predictions](assets/test_predictions.png)\n\nTest frames: ground truth outline in blue, "
-                     "prediction in green.\n")
+                     "prediction in green; frames picked across the test split's range of Dice, from the worst to the "
+                     "best.\n")
     return "\n".join(parts)
 
 
@@ -192,6 +196,22 @@ def render_cpu_recipe(stages: list[dict]) -> str:
                  "weights: `--init_from .` (a new schedule) or, with the stage's checkpoints, "
                  "`--resume_from_checkpoint latest`.")
     return "\n".join(lines)
+
+
+def render_fit_probe(results: list[dict]) -> str:
+    lines = ["| probe | model | config overrides | encoder | fit mean Dice | validation mean Dice |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["config_overrides"].items()) or "-"
+        validation = r.get("validation_mean_dice")
+        lines.append(f"| {r.get('label') or '-'} | {r['model']} | {overrides} | "
+                     f"{'from ' + r['init_encoder_from'] if r.get('init_encoder_from') else 'scratch'} | "
+                     f"{r['fit_mean_dice']:.3f} | {'-' if validation is None else f'{validation:.3f}'} |")
+    settings = sorted({(r["frames"], r["size"], r["steps"], r["batch_size"], r["learning_rate"]) for r in results})
+    described = "; ".join(f"{f} training frames at {z}x{z}, {n} steps of batch {b}, lr {lr}" for f, z, n, b, lr in settings)
+    return "\n".join(lines) + f"\n\n{described}; validation: the 60 validation frames at the same size. Each row is " \
+        "one `python benchmarks/fit_probe.py --config_overrides '<JSON>' --eval_validation` run (`--init_encoder_from " \
+        "<folder>` for an encoder started from saved weights)."
 
 
 def plot_training_curves(stages: list[dict], path: Path) -> None:
@@ -229,26 +249,30 @@ def plot_training_curves(stages: list[dict], path: Path) -> None:
 
 
 def plot_test_predictions(dataset_name: str, num_examples: int, path: Path) -> None:
+    """Test frames across the range of Dice (worst, evenly spaced ranks, best), not only good ones."""
     from predict import overlay_mask
 
     model = AutoModel.from_pretrained(REPO_ROOT, trust_remote_code=True, use_safetensors=True).eval()
     processor = AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
-    samples = load_local_splits(dataset_name)[0]["test"]
-    picks = [samples[i] for i in np.linspace(0, len(samples) - 1, num_examples).round().astype(int)]
-    fig, axes = plt.subplots(1, num_examples, figsize=(3 * num_examples, 3.2))
-    for axis, sample in zip(np.atleast_1d(axes), picks):
+    scored = []
+    for sample in load_local_splits(dataset_name)[0]["test"]:
         image, truth = decode_sample(sample, resolution=256)
         frame = image.permute(1, 2, 0).numpy()
-        inputs = processor(images=frame, return_tensors="pt")
         with torch.inference_mode():
-            outputs = model(**inputs)
+            outputs = model(**processor(images=frame, return_tensors="pt"))
         prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[truth.shape])[0].numpy()
-        shown = overlay_mask(frame, prediction.astype(bool))
-        axis.imshow(shown)
-        axis.contour(truth.numpy(), levels=[0.5], colors="blue", linewidths=1.2)
-        inter = (prediction.astype(bool) & truth.numpy()).sum()
-        dice = 2 * inter / max(prediction.sum() + truth.numpy().sum(), 1)
-        axis.set_title(f"Dice {dice:.3f}", fontsize=10)
+        prediction, truth = prediction.astype(bool), truth.numpy().astype(bool)
+        dice = 2 * (prediction & truth).sum() / max(prediction.sum() + truth.sum(), 1)
+        scored.append((dice, sample.name, frame, prediction, truth))
+    scored.sort(key=lambda item: item[0])
+    ranks = np.linspace(0, len(scored) - 1, num_examples).round().astype(int)
+    fig, axes = plt.subplots(1, num_examples, figsize=(3 * num_examples, 3.4))
+    for axis, rank in zip(np.atleast_1d(axes), ranks):
+        dice, _, frame, prediction, truth = scored[rank]
+        axis.imshow(overlay_mask(frame, prediction))
+        axis.contour(truth, levels=[0.5], colors="blue", linewidths=1.2)
+        place = "worst" if rank == 0 else "best" if rank == len(scored) - 1 else f"rank {rank + 1}/{len(scored)}"
+        axis.set_title(f"{place}: Dice {dice:.3f}", fontsize=10)
         axis.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -281,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     text = replace_block(text, "status", render_status(test, validation, stages))
     text = replace_block(text, "results", render_results(results, has_figure))
     text = replace_block(text, "cpu-recipe", render_cpu_recipe(stages))
+    fit_probe_results = Path(args.fit_probe_results)
+    if fit_probe_results.is_file():
+        text = replace_block(text, "fit-probe", render_fit_probe(load_jsonl(fit_probe_results)))
     readme.write_text(text)
     print(f"Updated {readme} and {assets}/.")
 

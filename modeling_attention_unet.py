@@ -15,6 +15,8 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .configuration_attention_unet import AttentionUNetConfig
 
+ATTENTION_GATE_INITIAL_LOGIT = 3.0
+
 
 def attention_unet_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, smooth: float = 1.0) -> torch.Tensor:
     """`alpha * BCE + (1 - alpha) * soft Dice`, the Dice averaged over images.
@@ -53,14 +55,21 @@ class AttentionUNetAttentionGate(nn.Module):
 
     The skip feature `x` (stride s) is projected with a stride-2 convolution to the resolution of the gating signal `g`
     (stride 2s, the coarser decoder feature); `ReLU(W_x x + W_g g)` goes through a 1x1 convolution `psi` and a sigmoid,
-    and the coefficient map, resampled back to the skip's resolution, scales the skip.
+    and the coefficient map, resampled back to the skip's resolution, scales the skip. With `output_transform`, the
+    gated skip then passes through the paper's output transform `W` (1x1 convolution and BatchNorm), which keeps its
+    scale independent of how open the gate is.
     """
 
-    def __init__(self, skip_channels: int, gating_channels: int, inter_channels: int):
+    def __init__(self, skip_channels: int, gating_channels: int, inter_channels: int, output_transform: bool = False):
         super().__init__()
         self.skip_proj = nn.Conv2d(skip_channels, inter_channels, kernel_size=2, stride=2, bias=False)
         self.gating_proj = nn.Conv2d(gating_channels, inter_channels, kernel_size=1)
         self.psi = nn.Conv2d(inter_channels, 1, kernel_size=1)
+        self.output_transform = None
+        if output_transform:
+            self.output_transform = nn.Sequential(
+                nn.Conv2d(skip_channels, skip_channels, kernel_size=1, bias=False), nn.BatchNorm2d(skip_channels)
+            )
 
     def forward(self, skip: torch.Tensor, gating: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the gated skip `(B, C_skip, h, w)` and the coefficients `(B, 1, h, w)`."""
@@ -71,21 +80,31 @@ class AttentionUNetAttentionGate(nn.Module):
             projected_gating = F.interpolate(projected_gating, size=projected_skip.shape[-2:], mode="bilinear")
         coefficients = self.psi(F.relu(projected_skip + projected_gating)).sigmoid()
         coefficients = F.interpolate(coefficients, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return skip * coefficients, coefficients
+        gated = skip * coefficients
+        if self.output_transform is not None:
+            gated = self.output_transform(gated)
+        return gated, coefficients
 
 
 class AttentionUNetDecoderBlock(GradientCheckpointingLayer):
-    """One decoder stage: learned 2x upsampling, the gated skip concatenated (when the encoder has one at this
-    resolution), then two 3x3 convolutions."""
+    """One decoder stage: 2x upsampling, the gated skip concatenated (when the encoder has one at this resolution),
+    then two 3x3 convolutions. `config.decoder_upsampling` picks nearest-neighbour upsampling of the whole coarse
+    feature (as smp's U-Net) or a learned transposed convolution to `out_channels` (the shipped v1 weights)."""
 
     def __init__(self, config: AttentionUNetConfig, in_channels: int, skip_channels: int, out_channels: int):
         super().__init__()
-        self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.upsample = None
+        upsampled_channels = in_channels
+        if config.decoder_upsampling == "transposed_conv":
+            self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+            upsampled_channels = out_channels
         self.attention_gate = None
         if skip_channels and config.use_attention_gates:
             inter_channels = max(1, round(skip_channels * config.attention_channels_ratio))
-            self.attention_gate = AttentionUNetAttentionGate(skip_channels, in_channels, inter_channels)
-        self.conv1 = AttentionUNetConvNormAct(out_channels + skip_channels, out_channels)
+            self.attention_gate = AttentionUNetAttentionGate(
+                skip_channels, in_channels, inter_channels, config.attention_gate_output_transform
+            )
+        self.conv1 = AttentionUNetConvNormAct(upsampled_channels + skip_channels, out_channels)
         self.conv2 = AttentionUNetConvNormAct(out_channels, out_channels)
 
     def forward(
@@ -95,7 +114,10 @@ class AttentionUNetDecoderBlock(GradientCheckpointingLayer):
         coefficients = None
         if skip is not None and self.attention_gate is not None:
             skip, coefficients = self.attention_gate(skip, hidden_state)
-        hidden_state = self.upsample(hidden_state)
+        if self.upsample is None:
+            hidden_state = F.interpolate(hidden_state, scale_factor=2.0, mode="nearest")
+        else:
+            hidden_state = self.upsample(hidden_state)
         if skip is not None:
             hidden_state = torch.cat([hidden_state, skip], dim=1)
         hidden_state = self.conv2(self.conv1(hidden_state))
@@ -181,22 +203,30 @@ class AttentionUNetPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Only the decoder and head are ours to initialise: the inherited default would also reset the timm encoder
-        # (its convolutions and LayerNorms), whose weights come from timm or a checkpoint.
-        if not isinstance(module, (AttentionUNetConvNormAct, AttentionUNetAttentionGate, AttentionUNetDecoderBlock,
-                                   AttentionUNetForSemanticSegmentation)):
+        # transformers calls this on every module that holds tensors of its own (under `trust_remote_code`, on those
+        # only), so the rules are per leaf. Only the decoder and head are ours to initialise: the timm encoder's
+        # weights come from timm's own init, ImageNet or a checkpoint.
+        gates = [block.attention_gate for block in self.decoder.blocks if block.attention_gate is not None]
+        if module is self.segmentation_head:
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
+        elif any(module is gate.psi for gate in gates):
+            # Gates start open and uniform (every coefficient sigmoid(3) = 0.95): the decoder starts as a plain U-Net,
+            # which optimises fast, and the gates learn what to suppress as `psi` moves away from zero.
+            init.zeros_(module.weight)
+            init.constant_(module.bias, ATTENTION_GATE_INITIAL_LOGIT)
+        elif not any(module is decoder_module for decoder_module in self.decoder.modules()):
             return
-        for child in module.children():
-            if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d)):
-                init.kaiming_normal_(child.weight, mode="fan_out", nonlinearity="relu")
-                if child.bias is not None:
-                    init.zeros_(child.bias)
-            elif isinstance(child, nn.BatchNorm2d):
-                init.ones_(child.weight)
-                init.zeros_(child.bias)
-                init.zeros_(child.running_mean)
-                init.ones_(child.running_var)
-                init.zeros_(child.num_batches_tracked)
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):

@@ -232,20 +232,28 @@ class MaskAlignedRandomResizedCrop(v2.RandomResizedCrop):
         return v2.functional.resize(cropped, self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
 
 
-def training_augmentation(crop_size: int | None = None, scale: tuple[float, float] | None = None) -> v2.Compose:
+def training_augmentation(
+    crop_size: int | None = None,
+    scale: tuple[float, float] | None = None,
+    zoom: tuple[float, float] | None = None,
+) -> v2.Compose:
     """The seed recipe's augmentation: flips, rotation within +/-30 degrees, brightness/contrast/saturation +/-20 %
     (image only: v2 passes `tv_tensors.Mask` through colour transforms and resamples it with nearest-neighbour), and
     an optional random crop of side `crop_size`. With `scale`, the crop covers that range of the image's area and is
-    resized to `crop_size` (as timm's RandomResizedCrop), so the model also sees polyps larger than they are."""
+    resized to `crop_size` (as timm's RandomResizedCrop), so the model also sees polyps larger than they are. With
+    `zoom`, the rotation also scales the image by a factor drawn from that range (one affine warp, so image and mask
+    share one sampling grid), before the crop: polyps both smaller and larger than they are."""
     if scale is not None and crop_size is None:
         raise ValueError("A scale range needs the crop_size the crops are resized to.")
+    if scale is not None and zoom is not None:
+        raise ValueError("Pass a scale range (resized crops) or a zoom range (affine zoom), not both.")
     transforms = []
     if scale is not None:
         transforms.append(MaskAlignedRandomResizedCrop(crop_size, scale=scale, antialias=True))
     transforms += [
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
-        v2.RandomRotation(degrees=30),
+        v2.RandomRotation(degrees=30) if zoom is None else v2.RandomAffine(degrees=30, scale=zoom),
         v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
     ]
     if crop_size is not None and scale is None:

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import load as accelerate_load
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, get_scheduler
@@ -66,6 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                       help="Random resized crops covering this fraction of each training image's area (e.g. 0.5 1.0), "
                            "resized back to --train_crop_size or --resolution: scale augmentation.")
+    data.add_argument("--train_scale_jitter", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                      help="Zoom each training image by a random factor in [LOW, HIGH] (e.g. 0.75 1.33), before any "
+                           "crop: scale augmentation around the scale the model is evaluated at.")
+    data.add_argument("--final_full_frame_epochs", type=int, default=0,
+                      help="Train the last N epochs on whole images at --resolution instead of --train_crop_size "
+                           "crops, so training ends at the scale and context of evaluation.")
+    data.add_argument("--train_eval_samples", type=int, default=100,
+                      help="After every epoch, also score this many training images (spread evenly over the split, "
+                           "no augmentation) next to validation, to tell underfitting from overfitting; 0 skips it.")
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--max_eval_samples", type=int, default=None)
     data.add_argument("--skip_bad_samples", action="store_true",
@@ -82,10 +92,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--init_from", default=None,
                        help="Start from the weights of a saved model (folder or Hub id): fine-tuning, or continuing a "
                             "long run in stages.")
+    model.add_argument("--init_encoder_from", default=None,
+                       help="Start only the encoder from a saved model folder of this architecture (its `encoder.*` "
+                            "tensors); the decoder and head start from their initialisation: a new decoder on a "
+                            "trained encoder.")
     model.add_argument("--encoder_pretrained", nargs="?", const="timm", default=None,
                        help="Load ImageNet weights into the encoder through timm (needs the Hub or timm's cache); "
                             "give a path to use a local timm checkpoint file instead.")
     model.add_argument("--gradient_checkpointing", action="store_true")
+    model.add_argument("--channels_last", action="store_true",
+                       help="Train with weights and inputs in channels-last memory format (faster convolutions on "
+                            "most CPUs and on GPUs with tensor cores).")
+    model.add_argument("--torch_compile", action="store_true",
+                       help="Compile the training forward pass with torch.compile (validation stays eager).")
+    model.add_argument("--torch_compile_mode", default=None,
+                       help="torch.compile's mode: 'default', 'reduce-overhead' or 'max-autotune'.")
+    model.add_argument("--torch_compile_backend", default=None, help="torch.compile's backend (default: inductor).")
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", required=True)
@@ -102,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--model_ema_decay", type=float, default=None,
                           help="Keep an exponential moving average of the weights with this decay per optimiser step "
                                "(e.g. 0.998), and validate and save it instead of the raw weights (timm's ModelEmaV3).")
+    training.add_argument("--model_ema_warmup", action="store_true",
+                          help="Ramp the moving average's decay up from 0 towards --model_ema_decay (timm's EMA "
+                               "warm-up), so early averages are not dominated by the initial weights.")
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="fp16",
                           help="fp16 falls back to fp32 (with a warning) where there is no GPU.")
     training.add_argument("--seed", type=int, default=42)
@@ -115,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "deleted).")
     checkpoints.add_argument("--resume_from_checkpoint", default=None,
                              help="A checkpoint folder, or 'latest' for the newest one in --output_dir.")
+    checkpoints.add_argument("--start_epoch", type=int, default=0,
+                             help="Start the schedule (learning rate, data order) at this epoch, as if the epochs "
+                                  "before it had run: continues a run whose checkpoints are lost from its saved "
+                                  "weights (--init_from); the optimiser's moments start afresh.")
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true")
@@ -132,6 +161,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--train_crop_size {args.train_crop_size} is larger than --resolution {args.resolution}.")
     if args.train_scale is not None and not 0 < args.train_scale[0] <= args.train_scale[1] <= 1:
         parser.error(f"--train_scale must be two area fractions 0 < MIN <= MAX <= 1, got {args.train_scale}.")
+    if args.train_scale is not None and args.train_scale_jitter is not None:
+        parser.error("--train_scale and --train_scale_jitter are two kinds of scale augmentation: pick one.")
+    if args.train_scale_jitter is not None and not 0 < args.train_scale_jitter[0] <= args.train_scale_jitter[1]:
+        parser.error(f"--train_scale_jitter must be two zoom factors 0 < LOW <= HIGH, got {args.train_scale_jitter}.")
+    if args.final_full_frame_epochs < 0:
+        parser.error(f"--final_full_frame_epochs must be >= 0, got {args.final_full_frame_epochs}.")
+    if args.final_full_frame_epochs and args.train_crop_size is None:
+        parser.error("--final_full_frame_epochs only changes a run that trains on --train_crop_size crops.")
+    if args.train_eval_samples < 0:
+        parser.error(f"--train_eval_samples must be >= 0, got {args.train_eval_samples}.")
+    if args.start_epoch < 0 or (args.start_epoch and args.resume_from_checkpoint):
+        parser.error(f"--start_epoch must be >= 0 and cannot be combined with --resume_from_checkpoint (a checkpoint "
+                     f"knows its own position), got {args.start_epoch}.")
     if args.model_ema_decay is not None and not 0 < args.model_ema_decay < 1:
         parser.error(f"--model_ema_decay must lie in (0, 1), got {args.model_ema_decay}.")
     return args
@@ -198,6 +240,8 @@ def build_model(config, args: argparse.Namespace):
         model = AutoModel.from_pretrained(args.init_from, config=config, trust_remote_code=True, use_safetensors=True)
     else:
         model = AutoModel.from_config(config, trust_remote_code=True)
+    if args.init_encoder_from:
+        load_encoder_weights(model, Path(args.init_encoder_from) / "model.safetensors")
     if args.encoder_pretrained:
         try:
             model.load_encoder_pretrained_weights(None if args.encoder_pretrained == "timm" else args.encoder_pretrained)
@@ -209,6 +253,20 @@ def build_model(config, args: argparse.Namespace):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model
+
+
+def load_encoder_weights(model, weights_file: Path) -> None:
+    """Loads the `encoder.*` tensors of a saved model into `model.encoder`; every encoder tensor must be there, with
+    its shape."""
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"--init_encoder_from: {weights_file} does not exist (a saved model folder has one).")
+    encoder_state = {name.removeprefix("encoder."): tensor for name, tensor in load_file(weights_file).items()
+                     if name.startswith("encoder.")}
+    try:
+        model.encoder.load_state_dict(encoder_state)
+    except RuntimeError as error:
+        raise ValueError(f"--init_encoder_from: the encoder in {weights_file} does not fit this config's encoder "
+                         f"{model.config.encoder_name!r}: {error}") from error
 
 
 def build_datasets(args: argparse.Namespace, processor):
@@ -230,13 +288,30 @@ def build_datasets(args: argparse.Namespace, processor):
         if not names:
             raise DataError(f"The {split} split of {args.dataset_name} has no usable sample.")
     mean, std = processor.image_mean, processor.image_std
-    if args.train_scale is None:
-        augmentation = training_augmentation(args.train_crop_size)
-    else:
-        augmentation = training_augmentation(args.train_crop_size or args.resolution, tuple(args.train_scale))
-    train = PolypSegmentationDataset(*decoded["train"], mean, std, augmentation, args.seed)
+    train = PolypSegmentationDataset(*decoded["train"], mean, std, training_augmentation_for(args, args.train_crop_size),
+                                     args.seed)
+    # Same samples and seed, so the full-frame epochs draw their flips, rotations and colours as the cropped ones do.
+    train_full_frame = None
+    if args.final_full_frame_epochs:
+        train_full_frame = PolypSegmentationDataset(*decoded["train"], mean, std, training_augmentation_for(args, None),
+                                                    args.seed)
     validation = PolypSegmentationDataset(*decoded["validation"], mean, std)
-    return train, validation
+    train_eval = None
+    if args.train_eval_samples:
+        names, images, masks = decoded["train"]
+        count = min(args.train_eval_samples, len(names))
+        picked = [round(i * (len(names) - 1) / max(count - 1, 1)) for i in range(count)]
+        train_eval = PolypSegmentationDataset([names[i] for i in picked], [images[i] for i in picked],
+                                              [masks[i] for i in picked], mean, std)
+    return train, train_full_frame, validation, train_eval
+
+
+def training_augmentation_for(args: argparse.Namespace, crop_size: int | None):
+    """The training augmentation of `args`, with crops of `crop_size` (`None`: whole images)."""
+    if args.train_scale is not None:
+        return training_augmentation(crop_size or args.resolution, scale=tuple(args.train_scale))
+    zoom = tuple(args.train_scale_jitter) if args.train_scale_jitter is not None else None
+    return training_augmentation(crop_size, zoom=zoom)
 
 
 def build_optimizer(model, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -535,12 +610,20 @@ def main(argv: list[str] | None = None) -> None:
 
     config, processor = load_config_and_processor(args)
     model = build_model(config, args)
-    train_dataset, eval_dataset = build_datasets(args, processor)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-        num_workers=args.dataloader_num_workers,
+    train_dataset, train_full_frame_dataset, eval_dataset, train_eval_dataset = build_datasets(args, processor)
+    train_dataloader, train_full_frame_dataloader = (
+        None if dataset is None else torch.utils.data.DataLoader(
+            dataset, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+            num_workers=args.dataloader_num_workers,
+        )
+        for dataset in (train_dataset, train_full_frame_dataset)
     )
-    eval_dataloader = torch.utils.data.DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size)
+    eval_dataloader, train_eval_dataloader = (
+        None if dataset is None else torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size)
+        for dataset in (eval_dataset, train_eval_dataset)
+    )
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args)
 
     steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
@@ -553,23 +636,45 @@ def main(argv: list[str] | None = None) -> None:
         num_warmup_steps=round(args.warmup_ratio * max_train_steps) * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
+    if args.start_epoch >= num_train_epochs:
+        raise ValueError(f"--start_epoch {args.start_epoch} is past the schedule's last epoch ({num_train_epochs}).")
+    with warnings.catch_warnings():
+        # Stepping the schedule before the optimiser is the point here; torch warns that it looks like a mistake.
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(args.start_epoch * steps_per_epoch * accelerator.num_processes):
+            lr_scheduler.step()
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
+    if train_full_frame_dataloader is not None:
+        train_full_frame_dataloader = accelerator.prepare(train_full_frame_dataloader)
+    if train_eval_dataloader is not None:
+        train_eval_dataloader = accelerator.prepare(train_eval_dataloader)
+    # Only the training step is compiled: it shares its parameters with `model`, which saves, validates and resumes
+    # eagerly (whole images at evaluation would compile a second graph).
+    training_model = model
+    if args.torch_compile:
+        training_model = torch.compile(model, mode=args.torch_compile_mode, backend=args.torch_compile_backend or "inductor")
     # Validated and saved in place of the raw weights; every process keeps an identical copy.
-    model_ema = None if args.model_ema_decay is None else ModelEmaV3(accelerator.unwrap_model(model), args.model_ema_decay)
+    model_ema = None if args.model_ema_decay is None else ModelEmaV3(
+        accelerator.unwrap_model(model), args.model_ema_decay, use_warmup=args.model_ema_warmup
+    )
     evaluated_model = model if model_ema is None else model_ema.module
 
     run_config = {
         "encoder_name": config.encoder_name, "resolution": args.resolution, "train_crop_size": args.train_crop_size,
-        "train_scale": args.train_scale, "model_ema_decay": args.model_ema_decay,
+        "train_scale": args.train_scale, "train_scale_jitter": args.train_scale_jitter,
+        "final_full_frame_epochs": args.final_full_frame_epochs, "model_ema_decay": args.model_ema_decay,
         "num_train_epochs": num_train_epochs, "max_train_steps": max_train_steps,
         "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "warmup_ratio": args.warmup_ratio,
         "lr_scheduler_type": args.lr_scheduler_type, "mixed_precision": accelerator.mixed_precision,
         "seed": args.seed, "dataset_name": args.dataset_name, "init_from": args.init_from,
+        "init_encoder_from": args.init_encoder_from,
+        "start_epoch": args.start_epoch,
         "num_train_samples": len(train_dataset), "num_eval_samples": len(eval_dataset),
-        "num_processes": accelerator.num_processes,
+        "num_processes": accelerator.num_processes, "channels_last": args.channels_last,
+        "torch_compile": args.torch_compile,
     }
     if accelerator.is_main_process:
         command = " ".join(["python train_accelerate.py", *(argv if argv is not None else sys.argv[1:])])
@@ -583,7 +688,8 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.init_trackers("attention_unet", hparams)
 
     state = load_checkpoint(accelerator, args, model_ema) or {
-        "epoch": 0, "step_in_epoch": 0, "completed_steps": 0, "best_dice": -1.0, "best_epoch": None,
+        "epoch": args.start_epoch, "step_in_epoch": 0, "completed_steps": args.start_epoch * steps_per_epoch,
+        "best_dice": -1.0, "best_epoch": None,
     }
     pusher = HubPusher(args) if args.push_to_hub and accelerator.is_main_process else None
     checkpoint_every = None if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps)
@@ -593,10 +699,13 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(total=max_train_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process)
     model.train()
     for epoch in range(state["epoch"], num_train_epochs):
-        train_dataset.set_epoch(epoch)
-        train_dataloader.set_epoch(epoch)
+        full_frames = epoch >= num_train_epochs - args.final_full_frame_epochs
+        epoch_dataset = train_full_frame_dataset if full_frames else train_dataset
+        epoch_dataloader = train_full_frame_dataloader if full_frames else train_dataloader
+        epoch_dataset.set_epoch(epoch)
+        epoch_dataloader.set_epoch(epoch)
         skipped = state["step_in_epoch"] * args.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(train_dataloader, skipped) if skipped else train_dataloader
+        batches = accelerator.skip_first_batches(epoch_dataloader, skipped) if skipped else epoch_dataloader
         step_in_epoch = state["step_in_epoch"]
         loss_sum, loss_count, images_seen = torch.zeros((), device=accelerator.device), 0, 0
         data_seconds = model_seconds = 0.0
@@ -604,8 +713,10 @@ def main(argv: list[str] | None = None) -> None:
         for batch in batches:
             loaded = time.perf_counter()
             data_seconds += loaded - tick
+            if args.channels_last:
+                batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
-                outputs = model(**batch)
+                outputs = training_model(**batch)
                 loss = outputs.loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -637,21 +748,27 @@ def main(argv: list[str] | None = None) -> None:
 
         eval_start = time.perf_counter()
         metrics = evaluate(evaluated_model, eval_dataloader, accelerator, config.threshold)
+        train_metrics = {}
+        if train_eval_dataloader is not None:
+            train_metrics = evaluate(evaluated_model, train_eval_dataloader, accelerator, config.threshold)
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
         record = {
             "epoch": epoch + 1, "step": state["completed_steps"], "train_loss": train_loss,
             "learning_rate": lr_scheduler.get_last_lr()[0],
+            "train_image_size": args.resolution if full_frames or args.train_crop_size is None else args.train_crop_size,
             "train_images_per_second": images_seen / max(data_seconds + model_seconds, 1e-9),
             "data_seconds": data_seconds, "model_seconds": model_seconds,
             "eval_seconds": time.perf_counter() - eval_start,
             **{f"eval_{name}": value for name, value in metrics.items()},
+            **{f"train_eval_{name}": value for name, value in train_metrics.items()},
         }
         accelerator.log(record, step=epoch + 1)
         if accelerator.is_main_process:
             with open(Path(args.output_dir) / METRICS_FILE, "a") as log_file:
                 log_file.write(json.dumps(record) + "\n")
-        logger.info(f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation mDice {metrics['mean_dice']:.4f}, "
-                    f"loss {metrics['loss']:.4f}", main_process_only=True)
+        train_eval_text = f", training-subset mDice {train_metrics['mean_dice']:.4f}" if train_metrics else ""
+        logger.info(f"epoch {epoch + 1}: train loss {train_loss:.4f}{train_eval_text}, validation mDice "
+                    f"{metrics['mean_dice']:.4f}, loss {metrics['loss']:.4f}", main_process_only=True)
 
         state.update(epoch=epoch + 1, step_in_epoch=0)
         improved = metrics["mean_dice"] > state["best_dice"]

@@ -69,3 +69,17 @@ def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_fit_probe_fits_a_few_real_frames_and_prints_its_figures(kvasir_root):
+    overrides = json.dumps({"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]})
+    result = subprocess.run(
+        [sys.executable, "benchmarks/fit_probe.py", "--dataset_name", str(kvasir_root), "--config_overrides", overrides,
+         "--frames", "4", "--size", "64", "--steps", "3", "--batch_size", "2", "--eval_validation"],
+        cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["steps"] == 3 and figures["frames"] == 4 and figures["config_overrides"] == json.loads(overrides)
+    assert 0 <= figures["fit_mean_dice"] <= 1 and 0 <= figures["validation_mean_dice"] <= 1
+    assert figures["final_batch_loss"] > 0

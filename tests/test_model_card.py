@@ -111,3 +111,17 @@ def test_card_refuses_a_stage_without_its_commands(tmp_path):
     (tmp_path / "stage1" / "invocations.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"stage1/invocations\.jsonl is empty"):
         load_stages(tmp_path)
+
+
+def test_card_fit_probe_table_is_the_committed_probe_results():
+    """Every row of the card's fit-probe table comes from benchmarks/fit_probe.jsonl, in its order."""
+    from make_model_card import load_jsonl, render_fit_probe
+
+    results = load_jsonl(REPO_ROOT / "benchmarks" / "fit_probe.jsonl")
+    card = (REPO_ROOT / "README.md").read_text()
+    block = card.split("<!-- fit-probe:start -->", 1)[1].split("<!-- fit-probe:end -->", 1)[0]
+    assert block.strip() == render_fit_probe(results).strip()
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| probe")]
+    assert len(rows) == len(results)
+    for row, result in zip(rows, results):
+        assert result["label"] in row and f"{result['fit_mean_dice']:.3f}" in row

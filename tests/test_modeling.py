@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_OVERRIDES, make_config, make_model
+from conftest import DECODER_VARIANTS, REPO_ROOT, TINY_OVERRIDES, make_config, make_model
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    return make_model(**TINY_OVERRIDES)
+@pytest.fixture(scope="module", params=list(DECODER_VARIANTS))
+def tiny_model(request):
+    return make_model(**TINY_OVERRIDES, **DECODER_VARIANTS[request.param])
 
 
 @pytest.mark.parametrize(
@@ -27,6 +27,7 @@ def tiny_model():
         ({"threshold": 1.0}, "threshold"),
         ({"num_channels": 0}, "num_channels"),
         ({"attention_channels_ratio": 0.0}, "attention_channels_ratio"),
+        ({"decoder_upsampling": "bicubic"}, "decoder_upsampling"),
     ],
 )
 def test_config_rejects_invalid_field_by_name(overrides, field):
@@ -125,10 +126,16 @@ def test_loss_is_float32_under_bf16_autocast(tiny_model):
     assert outputs.loss.item() == pytest.approx(expected, rel=1e-4)
 
 
-def test_gradients_reach_every_gate():
-    model = make_model(**TINY_OVERRIDES).train()
-    outputs = model(torch.randn(2, 3, 64, 64), labels=(torch.rand(2, 64, 64) > 0.5).float())
-    outputs.loss.backward()
+@pytest.mark.parametrize("decoder", list(DECODER_VARIANTS))
+def test_gradients_reach_every_gate(decoder):
+    model = make_model(**TINY_OVERRIDES, **DECODER_VARIANTS[decoder]).train()
+    pixel_values, labels = torch.randn(2, 3, 64, 64), (torch.rand(2, 64, 64) > 0.5).float()
+    # `psi` starts at zero, so the gates' projections receive gradients from the second step on.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(pixel_values, labels=labels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model(pixel_values, labels=labels).loss.backward()
     gates = [block.attention_gate for block in model.decoder.blocks if block.attention_gate is not None]
     assert len(gates) == 3
     for gate in gates:
@@ -172,6 +179,35 @@ def test_construction_time_init_leaves_encoder_weights_alone(monkeypatch):
             assert torch.all(tensor == 0.125), name
     # ... while the decoder was initialised.
     assert not torch.all(rebuilt.decoder.blocks[0].conv1.conv.weight == 0.125)
+
+
+@pytest.mark.parametrize("decoder", list(DECODER_VARIANTS))
+def test_auto_classes_with_remote_code_apply_the_decoder_init(decoder):
+    """transformers skips `_init_weights` for modules without tensors of their own under `trust_remote_code`: the
+    rules must reach every decoder leaf when the model is built as users and the training script build it."""
+    model = make_model(**DECODER_VARIANTS[decoder])
+    for block in model.decoder.blocks:
+        for conv in (block.conv1.conv, block.conv2.conv):
+            kaiming_fan_out_std = (2.0 / (conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1])) ** 0.5
+            assert conv.weight.std().item() == pytest.approx(kaiming_fan_out_std, rel=0.1)
+            assert torch.all(block.conv1.norm.weight == 1) and torch.all(block.conv1.norm.bias == 0)
+        if block.upsample is not None:
+            assert torch.all(block.upsample.bias == 0)
+        if block.attention_gate is not None:
+            # Gates start open and uniform: every coefficient is sigmoid(3).
+            assert torch.all(block.attention_gate.gating_proj.bias == 0)
+            assert block.attention_gate.psi.bias.item() == 3.0 and torch.all(block.attention_gate.psi.weight == 0)
+    assert torch.all(model.segmentation_head.bias == 0)
+
+
+def test_nearest_decoder_upsamples_the_whole_coarse_feature():
+    model = make_model(**TINY_OVERRIDES, decoder_upsampling="nearest")
+    first = model.decoder.blocks[0]
+    assert first.upsample is None
+    # convnext_atto's last stage has 320 channels and its stride-16 skip 160; the stage outputs 32.
+    assert first.conv1.conv.in_channels == 320 + 160
+    v1 = make_model(**TINY_OVERRIDES, decoder_upsampling="transposed_conv").decoder.blocks[0]
+    assert v1.conv1.conv.in_channels == 32 + 160
 
 
 def test_save_and_reload_in_a_fresh_process_gives_identical_logits(tiny_model_dir, tmp_path):

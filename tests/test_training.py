@@ -60,8 +60,9 @@ def drawn_sample() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "augmentation_kwargs",
-    [{}, {"crop_size": 64}, {"crop_size": 96, "scale": (0.3, 1.0)}, {"crop_size": 80, "scale": (0.3, 0.6)}],
-    ids=["whole", "crop", "scale", "scaled-crop"],
+    [{}, {"crop_size": 64}, {"crop_size": 96, "scale": (0.3, 1.0)}, {"crop_size": 80, "scale": (0.3, 0.6)},
+     {"zoom": (0.5, 2.0)}, {"crop_size": 64, "zoom": (0.75, 1.33)}],
+    ids=["whole", "crop", "scale", "scaled-crop", "zoom", "zoomed-crop"],
 )
 def test_augmentation_keeps_image_and_mask_aligned(augmentation_kwargs):
     """A mask drawn into the image must still coincide with the mask after crops, flips, rotation and jitter."""
@@ -95,6 +96,41 @@ def test_scale_augmentation_enlarges_objects_and_needs_an_output_size():
     assert max(areas) > 1.5 * mask.sum().item(), areas
     with pytest.raises(ValueError, match="crop_size"):
         training_augmentation(scale=(0.5, 1.0))
+
+
+def test_zoom_jitter_both_shrinks_and_enlarges_objects():
+    image, mask = drawn_sample()
+    dataset = PolypSegmentationDataset(
+        ["drawn"], [image], [mask], (0, 0, 0), (1, 1, 1), training_augmentation(zoom=(0.6, 1.6)), seed=3
+    )
+    areas = []
+    for epoch in range(24):
+        dataset.set_epoch(epoch)
+        areas.append(dataset[0]["labels"].sum().item())
+    drawn = mask.sum().item()
+    assert min(areas) < 0.6 * drawn and max(areas) > 1.4 * drawn, areas
+    with pytest.raises(ValueError, match="not both"):
+        training_augmentation(64, scale=(0.5, 1.0), zoom=(0.8, 1.2))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train_scale_jitter", "0", "1.2"], "--train_scale_jitter must be two zoom factors"),
+        (["--train_scale_jitter", "1.2", "0.8"], "--train_scale_jitter must be two zoom factors"),
+        (["--train_scale", "0.5", "1", "--train_scale_jitter", "0.8", "1.2"], "pick one"),
+        (["--final_full_frame_epochs", "2"], "--final_full_frame_epochs only changes a run that trains on"),
+        (["--final_full_frame_epochs", "-1", "--train_crop_size", "64"], "--final_full_frame_epochs must be >= 0"),
+        (["--train_eval_samples", "-5"], "--train_eval_samples must be >= 0"),
+        (["--start_epoch", "2", "--resume_from_checkpoint", "latest"], "cannot be combined with --resume_from"),
+    ],
+)
+def test_bad_recipe_flags_are_refused_by_name(flags, message, tmp_path, capsys):
+    import train_accelerate
+
+    with pytest.raises(SystemExit):
+        train_accelerate.parse_args(["--output_dir", str(tmp_path), *flags])
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("scale", [["0", "1"], ["0.8", "0.5"], ["0.5", "1.5"]])
@@ -230,8 +266,11 @@ def test_training_run_writes_a_loadable_hub_folder_and_logs(uninterrupted_run):
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("train_loss", "eval_mean_dice", "eval_mean_iou", "eval_mean_f1", "eval_mean_precision",
-                "eval_mean_recall", "eval_mean_accuracy", "eval_loss", "eval_pooled_dice", "train_images_per_second"):
+                "eval_mean_recall", "eval_mean_accuracy", "eval_loss", "eval_pooled_dice", "train_images_per_second",
+                "train_eval_mean_dice", "train_eval_loss"):
         assert key in records[0]
+    # The training subset is scored without augmentation: the same weights would give the same figure twice.
+    assert 0 <= records[0]["train_eval_mean_dice"] <= 1 and records[0]["train_eval_mean_dice"] != records[0]["eval_mean_dice"]
     # fp16 is the default recipe; without a GPU it must say it falls back.
     assert "fp16 needs a GPU; training in fp32" in completed.stderr
     from transformers import AutoModel
@@ -318,6 +357,67 @@ def test_scale_augmented_run_logs_its_recipe_to_tensorboard(kvasir_root, tmp_pat
     assert invocation["train_scale"] == [0.5, 1.0]
     assert "--train_scale 0.5 1.0" in invocation["command"]
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+
+
+def test_crops_with_zoom_jitter_then_full_frames_for_the_last_epochs(kvasir_root, tmp_path):
+    run_training(tmp_path, kvasir_root, "--num_train_epochs", "3", "--train_crop_size", "48",
+                 "--train_scale_jitter", "0.75", "1.33", "--final_full_frame_epochs", "1")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_image_size"] for r in records] == [48, 48, 64]
+    # One schedule over the three epochs: the learning rate decays across the switch to whole frames.
+    assert records[0]["learning_rate"] > records[1]["learning_rate"] > records[2]["learning_rate"]
+    invocation = json.loads((tmp_path / "invocations.jsonl").read_text())
+    assert invocation["train_scale_jitter"] == [0.75, 1.33] and invocation["final_full_frame_epochs"] == 1
+
+
+@pytest.fixture(scope="module")
+def fast_path_run(kvasir_root, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("fast_path")
+    run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--channels_last", "--torch_compile")
+    return output_dir
+
+
+def test_channels_last_and_compile_train_like_eager(fast_path_run, uninterrupted_run):
+    eager, fast = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                   for run in (uninterrupted_run[0], fast_path_run))
+    for plain, other in zip(eager, fast):
+        assert other["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-3, abs=1e-4)
+        assert other["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-3, abs=1e-4)
+    invocation = json.loads((fast_path_run / "invocations.jsonl").read_text())
+    assert invocation["channels_last"] and invocation["torch_compile"]
+
+
+def test_channels_last_and_compile_resume_exactly(fast_path_run, kvasir_root, tmp_path):
+    run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--channels_last", "--torch_compile",
+                 "--resume_from_checkpoint", str(fast_path_run / "checkpoints" / "checkpoint-4"))
+    assert_same_weights(final_weights(tmp_path), final_weights(fast_path_run))
+
+
+def test_start_epoch_continues_saved_weights_at_the_same_point_of_the_schedule(uninterrupted_run, kvasir_root,
+                                                                               tmp_path):
+    """A run whose checkpoints are lost goes on from its saved weights where the schedule stood."""
+    output_dir, _ = uninterrupted_run
+    run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--init_from", str(output_dir),
+                 "--start_epoch", "1")
+    continued = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    uninterrupted = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in continued] == [(2, 8)]
+    assert continued[0]["learning_rate"] == pytest.approx(uninterrupted[1]["learning_rate"], rel=1e-9)
+
+
+def test_init_encoder_from_loads_only_the_encoder_and_names_a_misfit(tiny_model_dir):
+    import train_accelerate
+
+    weights = tiny_model_dir / "model.safetensors"
+    saved = load_file(weights)
+    model = make_model(seed=5, **TINY_OVERRIDES, decoder_upsampling="nearest")
+    decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    train_accelerate.load_encoder_weights(model, weights)
+    for name, tensor in model.encoder.state_dict().items():
+        assert torch.equal(tensor, saved[f"encoder.{name}"]), name
+    assert_same_weights(model.decoder.state_dict(), decoder_before)
+    with pytest.raises(ValueError, match=r"model\.safetensors does not fit this config's encoder 'resnet18'"):
+        train_accelerate.load_encoder_weights(make_model(encoder_name="resnet18", decoder_channels=[8] * 5), weights)
 
 
 def test_default_convnext_tiny_trains_one_step(kvasir_root, tmp_path):
