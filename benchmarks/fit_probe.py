@@ -73,14 +73,16 @@ def build_model(args: argparse.Namespace):
             model.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in weights.items()
                                            if k.startswith("encoder.")})
         forward = lambda x: model(pixel_values=x).logits  # noqa: E731
+        modeling = sys.modules[type(model).__module__]
     else:
         import segmentation_models_pytorch as smp
 
+        modeling = sys.modules[type(AutoModel.from_config(config, trust_remote_code=True)).__module__]
         encoder = {"smp-convnext": "tu-convnext_tiny", "smp-resnet34": "resnet34"}[args.model]
+        torch.manual_seed(args.seed)
         model = smp.Unet(encoder, encoder_weights=None, classes=1)
         forward = model
-    loss_module = sys.modules[type(AutoModel.from_config(config, trust_remote_code=True)).__module__]
-    return model, forward, loss_module.attention_unet_loss
+    return model, forward, modeling.attention_unet_loss
 
 
 def score(forward, dataset: PolypSegmentationDataset) -> float:
@@ -130,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
                 break
     model.eval()
     result = {"label": args.label, "model": args.model, "config_overrides": json.loads(args.config_overrides),
-              "init_encoder_from": args.init_encoder_from, "frames": args.frames, "size": args.size, "batch_size": args.batch_size,
-              "steps": args.steps, "learning_rate": args.learning_rate, "final_batch_loss": round(loss.item(), 4),
-              "fit_mean_dice": round(score(forward, plain), 4)}
+              "init_encoder_from": args.init_encoder_from, "frames": args.frames, "size": args.size,
+              "batch_size": args.batch_size, "steps": args.steps, "learning_rate": args.learning_rate,
+              "final_batch_loss": round(loss.item(), 4), "fit_mean_dice": round(score(forward, plain), 4)}
     if args.eval_validation:
         names, images, masks, _ = decode_samples(splits["validation"], args.size)
         result["validation_mean_dice"] = round(score(forward, PolypSegmentationDataset(names, images, masks, mean, std)), 4)
