@@ -1,10 +1,14 @@
 # `make demo` segments the bundled example frames with the shipped checkpoint; `make test` runs the whole suite.
-# Both create .venv and install the pinned requirements first if needed.
+# `make train-cpu` runs (or, run again, resumes) the CPU long run that trains the next weights. All create .venv and
+# install the pinned requirements first if needed.
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install demo test
+KVASIR_SEG_DIR ?= ../shared/data/kvasir-seg
+TRAIN_OUTPUT_DIR ?= runs/cpu-v2
+
+.PHONY: install demo test train-cpu
 
 install: $(VENV)/.installed
 
@@ -19,3 +23,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests -q
+
+# One cosine schedule over 250 epochs: 160x160 crops of 256x256 frames with zoom jitter, the
+# last 12 epochs on whole frames; the new decoder on the encoder of the weights at the root; EMA of the weights.
+train-cpu: install
+	$(BIN)/python train_accelerate.py \
+	  --dataset_name $(KVASIR_SEG_DIR) --output_dir $(TRAIN_OUTPUT_DIR) \
+	  --config_overrides "decoder_upsampling=nearest,attention_gate_output_transform=true,drop_path_rate=0.1" \
+	  --init_encoder_from . \
+	  --resolution 256 --train_crop_size 160 --train_scale_jitter 0.75 1.33 --final_full_frame_epochs 12 \
+	  --num_train_epochs 250 --per_device_train_batch_size 16 --learning_rate 1e-3 --weight_decay 0.05 \
+	  --warmup_ratio 0.02 --model_ema_decay 0.999 --model_ema_warmup --channels_last --seed 60 \
+	  --checkpointing_steps epoch --save_total_limit 2 --report_to tensorboard --resume_from_checkpoint latest
