@@ -10,7 +10,9 @@ For this model and its peers, segmentation_models_pytorch's `Unet("tu-convnext_t
 
 * inference latency at batch 1 and throughput (images/s) at `--batch_size` (default 8), in fp32: eager PyTorch, eager
   in channels-last memory format, `torch.compile`, and ONNX Runtime (CPU) on the export `export_onnx.py` makes;
-* training throughput: forward, backward and an AdamW step at `--batch_size`, with this model's BCE + Dice loss;
+* training throughput: forward, backward and an AdamW step at `--batch_size`, with this model's BCE + Dice loss; for
+  this model also in channels-last memory format and channels-last with the forward compiled, as
+  `train_accelerate.py --channels_last [--torch_compile]` trains;
 * the FLOPs per image (`torch.utils.flop_counter.FlopCounterMode`; a multiply-add counts 2) and the GFLOP/s each figure
   achieves, next to the machine's fp32 peak as derived from /proc/cpuinfo.
 
@@ -49,6 +51,10 @@ README_END = "<!-- performance:end -->"
 # The same tiny configuration as the tests' (`tests/conftest.py`).
 TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
 VARIANTS = ("eager", "channels_last", "compile", "onnxruntime")
+# This model's training step in the forms `train_accelerate.py` offers (and the `--skip` names that leave each out);
+# the peers train eagerly only.
+TRAINING_VARIANTS = {"eager": (), "channels_last": ("channels_last",),
+                     "channels_last_compile": ("channels_last", "compile")}
 PEERS = ("smp", "monai")
 SKIPPABLE = (*PEERS, "channels_last", "compile", "onnxruntime", "training")
 OURS = "Attention U-Net (ours)"
@@ -277,27 +283,51 @@ def benchmark_model(name: str, model: nn.Module, loss_fn, args, inputs, labels, 
         result["variants"][variant] = figures
 
     if "training" not in args.skip:
-        print("  training...", flush=True)
+        # Backward taken as twice the forward: FlopCounterMode (torch 2.14) counts the backward of a grouped
+        # convolution `groups` times over, which inflates ConvNeXt's depthwise 7x7 convolutions ~60-fold.
+        result["train_flops_per_image"] = 3 * result["flops_per_image"]
+        for variant, needs in TRAINING_VARIANTS.items() if ours else [("eager", ())]:
+            if any(name in args.skip for name in needs):
+                continue
+            print(f"  training ({variant})...", flush=True)
+            figures = train_throughput(variant, model, loss_fn, args, inputs[: args.batch_size],
+                                       labels[: args.batch_size], ours)
+            if variant == "eager":
+                result["training"] = figures
+            else:
+                result.setdefault("training_variants", {})[variant] = figures
+    return result
+
+
+def train_throughput(variant: str, model: nn.Module, loss_fn, args, batch: torch.Tensor, labels: torch.Tensor,
+                     ours: bool) -> dict:
+    """Images/s of forward, backward and AdamW step on a copy of `model`, in one of `TRAINING_VARIANTS`."""
+    try:
+        start = time.perf_counter()
         train_model = copy.deepcopy(model).train()
+        if variant != "eager":
+            train_model = train_model.to(memory_format=torch.channels_last)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        # As train_accelerate.py: only the forward is compiled, the loss and the optimiser step stay eager.
+        forward_model = torch.compile(train_model, backend=args.compile_backend) if variant.endswith("compile") \
+            else train_model
         optimizer = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
-        forward = (lambda x: train_model(pixel_values=x).logits) if ours else train_model
+        forward = (lambda x: forward_model(pixel_values=x).logits) if ours else forward_model
 
         def train_step():
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(forward(batch), labels[: args.batch_size], 0.5)
+            loss = loss_fn(forward(batch), labels, 0.5)
             loss.backward()
             optimizer.step()
 
-        try:
-            # Backward taken as twice the forward: FlopCounterMode (torch 2.14) counts the backward of a grouped
-            # convolution `groups` times over, which inflates ConvNeXt's depthwise 7x7 convolutions ~60-fold.
-            result["train_flops_per_image"] = 3 * result["flops_per_image"]
-            step, step_runs, _ = median_seconds(train_step, args.warmup, args.repeats)
-            result["training"] = {"throughput": args.batch_size / step, "step_runs_ms": [t * 1e3 for t in step_runs]}
-        except Exception as error:  # noqa: BLE001
-            traceback.print_exc()
-            result["training"] = {"error": f"{type(error).__name__}: {error}"[:2000]}
-    return result
+        warmup = max(args.warmup, 1) if variant.endswith("compile") else args.warmup
+        setup_seconds = time.perf_counter() - start
+        step, step_runs, warmup_seconds = median_seconds(train_step, warmup, args.repeats)
+        return {"throughput": args.batch_size / step, "step_runs_ms": [t * 1e3 for t in step_runs],
+                "setup_seconds": setup_seconds, "warmup_seconds": warmup_seconds}
+    except Exception as error:  # noqa: BLE001 - one variant failing must not lose the others
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"[:2000]}
 
 
 # ----------------------------------------------------------------------------------------------------------- reports
@@ -319,8 +349,9 @@ def add_ratios(results: list[dict], peak: float | None) -> None:
             figures["gflops_per_second"] = result["flops_per_image"] * figures["throughput"] / 1e9
             if peak:
                 figures["fraction_of_peak"] = figures["gflops_per_second"] / peak
-        training = result.get("training", {})
-        if "throughput" in training:
+        for training in (result.get("training", {}), *result.get("training_variants", {}).values()):
+            if "throughput" not in training:
+                continue
             if base_train:
                 training["throughput_vs_ours_training"] = training["throughput"] / base_train
             training["gflops_per_second"] = result["train_flops_per_image"] * training["throughput"] / 1e9
@@ -349,21 +380,25 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| {name} | {variant} | {figures['latency_ms']:.1f} | "
                          f"{ratio(figures.get('latency_vs_ours_eager'))} | {figures['throughput']:.1f} | "
                          f"{ratio(figures.get('throughput_vs_ours_eager'))} | {achieved(figures)} |")
-        training = result.get("training")
-        if training is None:
-            continue
-        if "error" in training:
-            lines.append(f"| {name} | training | failed: {training['error'][:100]} | | | | |")
-            continue
-        lines.append(f"| {name} | training | – | – | {training['throughput']:.1f} | "
-                     f"{ratio(training.get('throughput_vs_ours_training'))} | {achieved(training)} |")
+        trainings = {"training": result.get("training"),
+                     **{f"training, {v}": f for v, f in result.get("training_variants", {}).items()}}
+        for mode, training in trainings.items():
+            if training is None:
+                continue
+            if "error" in training:
+                lines.append(f"| {name} | {mode} | failed: {training['error'][:100]} | | | | |")
+                continue
+            lines.append(f"| {name} | {mode} | – | – | {training['throughput']:.1f} | "
+                         f"{ratio(training.get('throughput_vs_ours_training'))} | {achieved(training)} |")
 
     mode_notes = {
         "channels_last": "*channels_last*: eager in channels-last memory format",
         "compile": f"*compile*: `torch.compile` with backend `{settings['compile_backend']}`, static shapes",
         "onnxruntime": "*onnxruntime*: the `export_onnx.py` export (dynamic batch, height and width) on ONNX Runtime's "
                        "CPU execution provider",
-        "training": f"*training*: forward, backward and AdamW step at batch {batch}, BCE + Dice loss",
+        "training": f"*training*: forward, backward and AdamW step at batch {batch}, BCE + Dice loss (*, "
+                    "channels_last*: in channels-last memory format; *, channels_last_compile*: also with the forward "
+                    "compiled, as `train_accelerate.py --channels_last --torch_compile`)",
     }
     models = "; ".join(
         f"{r['model']}: {r['description']}, {r['params_m']:.1f} M parameters, {r['flops_per_image'] / 1e9:.2f} GFLOPs "

@@ -46,6 +46,10 @@ def test_tiny_benchmark_writes_json_and_readme(tmp_path):
             assert figures["latency_ms"] > 0 and figures["throughput"] > 0
             assert "throughput_vs_ours_eager" in figures and "gflops_per_second" in figures
         assert entry["training"]["throughput"] > 0
+    assert set(ours["training_variants"]) == {"channels_last", "channels_last_compile"}
+    for variant, figures in ours["training_variants"].items():
+        assert "error" not in figures, (variant, figures.get("error"))
+        assert figures["throughput"] > 0 and figures["throughput_vs_ours_training"] > 0
     assert ours["variants"]["eager"]["throughput_vs_ours_eager"] == 1.0
 
     text = readme.read_text()
@@ -53,6 +57,7 @@ def test_tiny_benchmark_writes_json_and_readme(tmp_path):
     section = text.split(MARKERS[0])[1].split(MARKERS[1])[0]
     assert "old figures" not in section
     assert "| Attention U-Net (ours) | eager |" in section
+    assert "| Attention U-Net (ours) | training, channels_last_compile |" in section
     assert "python benchmarks/bench_cpu.py --tiny" in section
 
 
