@@ -187,10 +187,11 @@ def test_auto_classes_with_remote_code_apply_the_decoder_init(decoder):
     rules must reach every decoder leaf when the model is built as users and the training script build it."""
     model = make_model(**DECODER_VARIANTS[decoder])
     for block in model.decoder.blocks:
-        for conv in (block.conv1.conv, block.conv2.conv):
+        for layer in (block.conv1, block.conv2):
+            conv = layer.conv
             kaiming_fan_out_std = (2.0 / (conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1])) ** 0.5
             assert conv.weight.std().item() == pytest.approx(kaiming_fan_out_std, rel=0.1)
-            assert torch.all(block.conv1.norm.weight == 1) and torch.all(block.conv1.norm.bias == 0)
+            assert torch.all(layer.norm.weight == 1) and torch.all(layer.norm.bias == 0)
         if block.upsample is not None:
             assert torch.all(block.upsample.bias == 0)
         if block.attention_gate is not None:
