@@ -1,11 +1,10 @@
 """Attention U-Net configuration."""
 
 import timm
-from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 
 
-@strict
+
 class AttentionUNetConfig(PretrainedConfig):
     r"""
     Configuration of an [`AttentionUNetForSemanticSegmentation`]: an Attention U-Net (Oktay et al., 2018) decoder with
@@ -34,11 +33,12 @@ class AttentionUNetConfig(PretrainedConfig):
         image_size (`int`, *optional*, defaults to 256):
             Side of the square images the model is trained at (inputs of other sizes are padded, not rejected).
         num_output_channels (`int`, *optional*, defaults to 1):
-            Channels of the logits. One channel for binary segmentation: its sigmoid is the foreground probability.
+            Channels of the logits. Must be 1: the model segments one class, its sigmoid the foreground probability.
         loss_alpha (`float`, *optional*, defaults to 0.5):
             Loss mix: `loss_alpha * BCE + (1 - loss_alpha) * Dice`. Must lie in [0, 1].
         threshold (`float`, *optional*, defaults to 0.5):
-            Probability above which a pixel is foreground. Must lie in (0, 1).
+            Probability above which a pixel is foreground. Must lie in (0, 1). The one source of the threshold: the
+            pipeline, `evaluate.py` and `predict.py` all read it from here.
         drop_path_rate (`float`, *optional*, defaults to 0.0):
             Stochastic depth rate passed to the timm encoder.
         id2label (`dict[int, str]`, *optional*, defaults to `{0: "background", 1: "polyp"}`):
@@ -55,66 +55,120 @@ class AttentionUNetConfig(PretrainedConfig):
 
     model_type = "attention_unet"
 
-    encoder_name: str = "convnext_tiny"
-    decoder_channels: list[int] | tuple[int, ...] = (256, 128, 64, 32, 16)
-    use_attention_gates: bool = True
-    attention_channels_ratio: float | int = 0.5
-    attention_gate_output_transform: bool = True
-    decoder_upsampling: str = "nearest"
-    num_channels: int = 3
-    image_size: int = 256
-    num_output_channels: int = 1
-    loss_alpha: float | int = 0.5
-    threshold: float | int = 0.5
-    drop_path_rate: float | int = 0.0
-
-    def __post_init__(self, **kwargs):
-        if self.id2label is None and kwargs.get("num_labels") is None:
-            self.id2label = {0: "background", 1: "polyp"}
-            self.label2id = {"background": 0, "polyp": 1}
-        self.decoder_channels = list(self.decoder_channels)
-        self._check_fields()
-        super().__post_init__(**kwargs)
+    def __init__(
+        self,
+        encoder_name: str = "convnext_tiny",
+        decoder_channels: list[int] | tuple[int, ...] = (256, 128, 64, 32, 16),
+        use_attention_gates: bool = True,
+        attention_channels_ratio: float = 0.5,
+        attention_gate_output_transform: bool = True,
+        decoder_upsampling: str = "nearest",
+        num_channels: int = 3,
+        image_size: int = 256,
+        num_output_channels: int = 1,
+        loss_alpha: float = 0.5,
+        threshold: float = 0.5,
+        drop_path_rate: float = 0.0,
+        **kwargs,
+    ):
+        # A classic `__init__`, not a `@strict` dataclass: transformers 4.x and 5.0 configs are not dataclasses, and
+        # every release since accepts a config subclass with its own `__init__`.
+        self.encoder_name = encoder_name
+        self.decoder_channels = decoder_channels
+        self.use_attention_gates = use_attention_gates
+        self.attention_channels_ratio = attention_channels_ratio
+        self.attention_gate_output_transform = attention_gate_output_transform
+        self.decoder_upsampling = decoder_upsampling
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.num_output_channels = num_output_channels
+        self.loss_alpha = loss_alpha
+        self.threshold = threshold
+        self.drop_path_rate = drop_path_rate
+        if kwargs.get("id2label") is None and kwargs.get("num_labels") is None:
+            kwargs["id2label"] = {0: "background", 1: "polyp"}
+            kwargs["label2id"] = {"background": 0, "polyp": 1}
+        # `pipeline("image-segmentation", model=..., trust_remote_code=True)` builds this repository's pipeline.
+        kwargs.setdefault("custom_pipelines", {"image-segmentation": {
+            "impl": "image_processing_attention_unet.AttentionUNetSegmentationPipeline",
+            "pt": ["AutoModelForSemanticSegmentation"], "tf": [], "type": "image",
+        }})
+        super().__init__(**kwargs)
 
     def __setattr__(self, key, value):
-        # `from_pretrained(..., **overrides)` and `update_from_string` set fields one by one after `__init__`: check
-        # them there too, so a bad value fails when the config is built, not deep inside a forward pass.
+        # Every field is checked as it is set, in `__init__` and after it (`from_pretrained(..., **overrides)` and
+        # `update_from_string` set fields one by one), so a bad value fails when the config is built, naming the field.
+        if key in _FIELD_CHECKS:
+            value = _FIELD_CHECKS[key](value)
         super().__setattr__(key, value)
-        if key in _CHECKED_FIELDS and self.__dict__.get("_post_init_done"):
-            if key == "decoder_channels":
-                super().__setattr__(key, list(value))
-            self._check_fields()
 
-    def _check_fields(self) -> None:
-        # Raised here rather than in a strict `validate_*` hook: those wrap the error in a non-ValueError type.
-        if not timm.is_model(self.encoder_name):
-            raise ValueError(f"`encoder_name`={self.encoder_name!r} is not a model timm knows (see `timm.list_models()`).")
-        if len(self.decoder_channels) == 0:
-            raise ValueError("`decoder_channels` is empty: the decoder needs at least one stage.")
-        bad = [c for c in self.decoder_channels if not isinstance(c, int) or isinstance(c, bool) or c <= 0]
-        if bad:
-            raise ValueError(f"`decoder_channels` must hold positive integers, got {self.decoder_channels}.")
-        if self.decoder_upsampling not in DECODER_UPSAMPLING_MODES:
-            raise ValueError(
-                f"`decoder_upsampling` must be one of {list(DECODER_UPSAMPLING_MODES)}, got {self.decoder_upsampling!r}."
-            )
-        if not 0.0 < self.attention_channels_ratio <= 1.0:
-            raise ValueError(f"`attention_channels_ratio` must lie in (0, 1], got {self.attention_channels_ratio}.")
-        for name in ("num_channels", "image_size", "num_output_channels"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
-        if not 0.0 <= self.loss_alpha <= 1.0:
-            raise ValueError(f"`loss_alpha` must lie in [0, 1], got {self.loss_alpha}.")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"`threshold` must lie in (0, 1), got {self.threshold}.")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"`drop_path_rate` must lie in [0, 1), got {self.drop_path_rate}.")
+
+def _check_encoder_name(value: str) -> str:
+    if not timm.is_model(value):
+        raise ValueError(f"`encoder_name`={value!r} is not a model timm knows (see `timm.list_models()`).")
+    return value
+
+
+def _check_decoder_channels(value) -> list[int]:
+    value = list(value)
+    if len(value) == 0:
+        raise ValueError("`decoder_channels` is empty: the decoder needs at least one stage.")
+    if any(not isinstance(c, int) or isinstance(c, bool) or c <= 0 for c in value):
+        raise ValueError(f"`decoder_channels` must hold positive integers, got {value}.")
+    return value
+
+
+def _check_in(name: str, choices: tuple[str, ...]):
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+        return value
+
+    return check
+
+
+def _check_range(name: str, low: float, high: float, low_open: bool, high_open: bool):
+    def check(value):
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or too_low or too_high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"`{name}` must lie in {interval}, got {value!r}.")
+        return value
+
+    return check
+
+
+def _check_positive_int(name: str):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        return value
+
+    return check
+
+
+def _check_num_output_channels(value):
+    if value != 1:
+        raise ValueError(
+            f"`num_output_channels` must be 1, got {value!r}: the model segments one class (its sigmoid is the polyp "
+            "probability), and its loss, metrics and post-processing are binary."
+        )
+    return value
 
 
 DECODER_UPSAMPLING_MODES = ("nearest", "transposed_conv")
-_CHECKED_FIELDS = {
-    "encoder_name", "decoder_channels", "attention_channels_ratio", "decoder_upsampling", "num_channels", "image_size",
-    "num_output_channels", "loss_alpha", "threshold", "drop_path_rate",
+_FIELD_CHECKS = {
+    "encoder_name": _check_encoder_name,
+    "decoder_channels": _check_decoder_channels,
+    "decoder_upsampling": _check_in("decoder_upsampling", DECODER_UPSAMPLING_MODES),
+    "attention_channels_ratio": _check_range("attention_channels_ratio", 0.0, 1.0, True, False),
+    "num_channels": _check_positive_int("num_channels"),
+    "image_size": _check_positive_int("image_size"),
+    "num_output_channels": _check_num_output_channels,
+    "loss_alpha": _check_range("loss_alpha", 0.0, 1.0, False, False),
+    "threshold": _check_range("threshold", 0.0, 1.0, True, True),
+    "drop_path_rate": _check_range("drop_path_rate", 0.0, 1.0, False, True),
 }
 
 __all__ = ["AttentionUNetConfig"]

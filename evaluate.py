@@ -17,19 +17,20 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModel
 from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
 from segmentation_data import DEFAULT_DATASET, DataError, PolypSegmentationDataset, decode_samples, load_splits
+from segmentation_inference import load_model_and_processor, predict_logits
 from segmentation_metrics import METRIC_NAMES, confusion_counts, format_table, metrics_from_counts, summarize
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A saved model folder or a Hub model id.")
     parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="Allow a Hub model, whose Python code (configuration, model, processor) then runs here.")
     parser.add_argument("--dataset_name", default=DEFAULT_DATASET,
                         help="A Hub dataset id, or a local folder with images/, masks/ and splits/.")
     parser.add_argument("--image_column_name", default=None)
@@ -44,16 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def predict_logits(model, pixel_values: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """`(B, 3, H, W)` -> `(B, 1, H, W)` logits; with `tta`, the mean over the input and its horizontal, vertical and
-    double flips (each prediction flipped back)."""
-    if not tta:
-        return model(pixel_values=pixel_values).logits
-    flips = [(), (-1,), (-2,), (-2, -1)]
-    logits = [model(pixel_values=pixel_values.flip(dims) if dims else pixel_values).logits for dims in flips]
-    return torch.stack([lg.flip(dims) if dims else lg for lg, dims in zip(logits, flips)]).mean(0)
-
-
 def weights_provenance(model_id: str, revision: str | None) -> dict:
     """sha256 of the `model.safetensors` that was evaluated and, for a Hub model, the commit it came from."""
     path = cached_file(model_id, "model.safetensors", revision=revision)
@@ -66,9 +57,7 @@ def weights_provenance(model_id: str, revision: str | None) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    model = AutoModel.from_pretrained(args.model, revision=args.revision, trust_remote_code=True, use_safetensors=True)
-    model.to(args.device).eval()
-    processor = AutoImageProcessor.from_pretrained(args.model, revision=args.revision, trust_remote_code=True)
+    model, processor = load_model_and_processor(args.model, args.revision, args.trust_remote_code, args.device)
     threshold = model.config.threshold
 
     splits, _ = load_splits(args.dataset_name, args.image_column_name, args.label_column_name)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from segmentation_inference import UntrustedRemoteCodeError, load_model, load_processor
+
 REPO_ROOT = Path(__file__).resolve().parent
 # The dynamo exporter's ONNX functions (torchlib) are written for opset 18; other opsets go through a version converter.
 DEFAULT_OPSET = 18
@@ -39,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A saved model folder or a Hub model id.")
     parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="Allow a Hub model, whose Python code (configuration, model, processor) then runs here.")
     parser.add_argument("--output", default="model.onnx", help="Path of the ONNX file to write.")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET}, the one the dynamo exporter's functions target).")
@@ -135,14 +139,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def load_processor(model_id: str, revision: str | None = None):
+def load_check_processor(model_id: str, revision: str | None, trust_remote_code: bool):
     """The model's image processor, or the repository's own when the model folder has none."""
-    from transformers import AutoImageProcessor
-
     try:
-        return AutoImageProcessor.from_pretrained(model_id, revision=revision, trust_remote_code=True)
+        return load_processor(model_id, revision, trust_remote_code)
+    except UntrustedRemoteCodeError:
+        raise
     except (OSError, ValueError):
-        return AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+        return load_processor(REPO_ROOT)
 
 
 def check_export(onnx_path, model, processor, images: list, sizes: list[tuple[int, int]]) -> dict[str, float]:
@@ -184,10 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import onnx
     from PIL import Image
-    from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(args.model, revision=args.revision, trust_remote_code=True, use_safetensors=True)
-    model.eval()
+    model = load_model(args.model, args.revision, args.trust_remote_code).eval()
     print(f"Exporting {args.model} to {args.output} (opset {args.opset}, dynamic batch, height and width)...")
     output = export_model(model, args.output, args.opset, source=args.model)
     onnx.checker.check_model(str(output))
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_check:
         return 0
 
-    processor = load_processor(args.model, args.revision)
+    processor = load_check_processor(args.model, args.revision, args.trust_remote_code)
     image_paths = args.check_images if args.check_images is not None else default_check_images()
     images = []
     for path in image_paths:

@@ -25,9 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoImageProcessor, AutoModel  # noqa: E402
 
 from segmentation_data import decode_sample, load_local_splits  # noqa: E402
+from segmentation_inference import load_model_and_processor, overlay_mask  # noqa: E402
 from segmentation_metrics import METRIC_NAMES, format_table  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -250,10 +250,7 @@ def plot_training_curves(stages: list[dict], path: Path) -> None:
 
 def plot_test_predictions(dataset_name: str, num_examples: int, path: Path) -> None:
     """Test frames across the range of Dice (worst, evenly spaced ranks, best), not only good ones."""
-    from predict import overlay_mask
-
-    model = AutoModel.from_pretrained(REPO_ROOT, trust_remote_code=True, use_safetensors=True).eval()
-    processor = AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    model, processor = load_model_and_processor(REPO_ROOT)
     scored = []
     for sample in load_local_splits(dataset_name)[0]["test"]:
         image, truth = decode_sample(sample, resolution=256)

@@ -1,19 +1,22 @@
 """Attention U-Net (Oktay et al., 2018) on a timm encoder, for binary semantic segmentation."""
 
 import math
-import os
 
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .configuration_attention_unet import AttentionUNetConfig
+
+try:
+    # transformers >= 5: the same functions, but they leave tensors that were loaded from a checkpoint untouched.
+    from transformers import initialization as init
+except ImportError:
+    from torch.nn import init
 
 ATTENTION_GATE_INITIAL_LOGIT = 3.0
 
@@ -166,32 +169,6 @@ class AttentionUNetDecoder(nn.Module):
         return hidden_state, tuple(gate_maps)
 
 
-def check_checkpoint_files(checkpoint_files: list[str], model: nn.Module, ignore_mismatched_sizes: bool = False) -> None:
-    """Raises a `ValueError` naming the file (and the tensor) unless `checkpoint_files` are readable safetensors files
-    holding exactly the tensors of `model`'s state dict, each with the shape the model's config gives it."""
-    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
-    found = set()
-    for path in checkpoint_files:
-        if not str(path).endswith(".safetensors"):
-            raise ValueError(f"{path}: weights are only loaded from safetensors files, never from pickles.")
-        try:
-            with safe_open(path, framework="pt") as weights:
-                shapes = {name: list(weights.get_slice(name).get_shape()) for name in weights.keys()}
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path}: not a readable safetensors file ({error}).") from error
-        for name, shape in shapes.items():
-            if name not in expected:
-                raise ValueError(f"{path}: tensor {name} is not part of the model this config builds.")
-            if shape != expected[name] and not ignore_mismatched_sizes:
-                raise ValueError(f"{path}: tensor {name} has shape {shape} but the config needs {expected[name]}.")
-        found.update(shapes)
-    missing = [name for name in expected if name not in found]
-    if missing:
-        where = checkpoint_files[0] if len(checkpoint_files) == 1 else os.path.dirname(checkpoint_files[0])
-        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{where}: missing tensor(s) the config needs: {listed}.")
-
-
 class AttentionUNetPreTrainedModel(PreTrainedModel):
     config: AttentionUNetConfig
     config_class = AttentionUNetConfig
@@ -228,18 +205,50 @@ class AttentionUNetPreTrainedModel(PreTrainedModel):
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
 
-    @staticmethod
-    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
-        # transformers re-initialises a missing tensor with only a logged warning, names the wrong-shaped tensor only in
-        # a logged table, names no file when a header is damaged, and reads a pickle if `config.transformers_weights`
-        # points at one even under `use_safetensors=True`: check the resolved files first.
-        if checkpoint_files and load_config.hf_quantizer is None:
-            check_checkpoint_files(checkpoint_files, model, load_config.ignore_mismatched_sizes)
-        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, stricter: weights that do not match the model the config builds (tensors
+        missing or left over) are an error naming the checkpoint, not a logged warning; and the encoder's tensors that
+        transformers re-creates (mismatched under `ignore_mismatched_sizes`, or non-persistent buffers) get timm's own
+        values, since transformers initialises only what `_init_weights` knows."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        problems = []
+        if loading_info["missing_keys"]:
+            problems.append(f"missing tensor(s) {_listed(loading_info['missing_keys'])}")
+        if loading_info["unexpected_keys"]:
+            problems.append(f"tensor(s) {_listed(loading_info['unexpected_keys'])} that this config does not build")
+        if problems:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the weights do not match the model its config builds: "
+                + "; ".join(problems) + "."
+            )
+        mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry for entry in loading_info["mismatched_keys"]]
+        model._reset_recreated_encoder_tensors(mismatched)
+        return (model, loading_info) if output_loading_info else model
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
-        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
-        self.encoder.set_grad_checkpointing(enable)
+    @torch.no_grad()
+    def _reset_recreated_encoder_tensors(self, recreated: list[str]) -> None:
+        prefix = "encoder."
+        recreated = {name[len(prefix):] for name in recreated if name.startswith(prefix)}
+        persistent = set(self.encoder.state_dict())
+        tensors = dict(self.encoder.named_parameters()) | dict(self.encoder.named_buffers())
+        to_reset = {name for name in tensors if name in recreated or name not in persistent}
+        if not to_reset:
+            return
+        fresh = self._create_encoder(self.config)
+        fresh_tensors = dict(fresh.named_parameters()) | dict(fresh.named_buffers())
+        for name in to_reset:
+            if not tensors[name].is_meta:
+                tensors[name].copy_(fresh_tensors[name])
+
+
+
+def _listed(names, limit: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
@@ -249,18 +258,25 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
         super().__init__(config)
         # Never pretrained here: `from_pretrained` re-runs `__init__`, and ImageNet weights are loaded on request by
         # `load_encoder_pretrained_weights`.
-        self.encoder = timm.create_model(
+        self.encoder = self._create_encoder(config)
+        # Transformer-style encoders (Swin, MambaOut, ...) give channels-last features; the decoder is channels-first.
+        self.encoder_channels_last = getattr(self.encoder, "output_fmt", "NCHW") == "NHWC"
+        self.encoder_grad_checkpointing = False
+        self.encoder_channels = list(self.encoder.feature_info.channels())
+        self.encoder_strides = list(self.encoder.feature_info.reduction())
+        self.decoder = AttentionUNetDecoder(config, self.encoder_channels, self.encoder_strides)
+        self.segmentation_head = nn.Conv2d(config.decoder_channels[-1], config.num_output_channels, kernel_size=1)
+        self.post_init()
+
+    @staticmethod
+    def _create_encoder(config: AttentionUNetConfig) -> nn.Module:
+        return timm.create_model(
             config.encoder_name,
             pretrained=False,
             features_only=True,
             in_chans=config.num_channels,
             drop_path_rate=config.drop_path_rate,
         )
-        self.encoder_channels = list(self.encoder.feature_info.channels())
-        self.encoder_strides = list(self.encoder.feature_info.reduction())
-        self.decoder = AttentionUNetDecoder(config, self.encoder_channels, self.encoder_strides)
-        self.segmentation_head = nn.Conv2d(config.decoder_channels[-1], config.num_output_channels, kernel_size=1)
-        self.post_init()
 
     @property
     def total_stride(self) -> int:
@@ -334,7 +350,14 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
         self._check_pixel_values(pixel_values)
         height, width = pixel_values.shape[-2:]
 
+        # timm's stages have a switch of their own: follow the one transformers sets on the decoder blocks (through
+        # `gradient_checkpointing_enable` or `activation_checkpointing_enable`, whichever the release has).
+        if self.decoder.blocks[0].gradient_checkpointing != self.encoder_grad_checkpointing:
+            self.encoder_grad_checkpointing = self.decoder.blocks[0].gradient_checkpointing
+            self.encoder.set_grad_checkpointing(self.encoder_grad_checkpointing)
         features = self.encoder(self._pad_to_total_stride(pixel_values))
+        if self.encoder_channels_last:
+            features = [feature.permute(0, 3, 1, 2) for feature in features]
         decoded, gate_maps = self.decoder(features, self.encoder_strides)
         logits = self.segmentation_head(decoded)[..., :height, :width]
         gate_maps = tuple(gate_map[..., : math.ceil(height / stride), : math.ceil(width / stride)]

@@ -21,21 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.ImageFilter
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoConfig
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from evaluate import predict_logits
 from image_processing_attention_unet import to_rgb_uint8
+from segmentation_inference import heat_map, load_model, load_processor, overlay_mask, predict_logits
 
 REPO_ROOT = Path(__file__).resolve().parent
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
-OVERLAY_COLOR = np.array([0, 255, 0], dtype=np.float32)
-OVERLAY_ALPHA = 0.35
-HEATMAP_COLORMAP = "jet"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="A saved model folder or a Hub model id. With --onnx, only its image processor is used "
                              "(default then: this repository's).")
     parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="Allow a Hub model, whose Python code (configuration, model, processor) then runs here.")
     parser.add_argument("--output_dir", required=True, help="Folder for the masks, overlays and attention maps.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per forward pass (default: %(default)s).")
     parser.add_argument("--threshold", type=float, default=None,
@@ -139,14 +136,15 @@ class OnnxSegmenter:
 
 def load_segmenter(args: argparse.Namespace):
     """The model (PyTorch or ONNX Runtime), its image processor and its default threshold."""
-    processor = AutoImageProcessor.from_pretrained(args.model or REPO_ROOT, revision=args.revision,
-                                                   trust_remote_code=True)
+    source = args.model or REPO_ROOT
+    processor = load_processor(source, args.revision, args.trust_remote_code)
     if args.onnx is not None:
         segmenter = OnnxSegmenter(args.onnx)
-        threshold = segmenter.threshold if segmenter.threshold is not None else processor.threshold
-        return segmenter, processor, threshold
-    model = AutoModel.from_pretrained(args.model, revision=args.revision, trust_remote_code=True, use_safetensors=True)
-    model.to(args.device).eval()
+        if segmenter.threshold is not None:
+            return segmenter, processor, segmenter.threshold
+        config = AutoConfig.from_pretrained(source, revision=args.revision, trust_remote_code=True)
+        return segmenter, processor, config.threshold
+    model = load_model(args.model, args.revision, args.trust_remote_code).to(args.device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, processor, model.config.threshold
@@ -162,26 +160,6 @@ def iterate_batches(paths: list[Path], stems: list[str], batch_size: int) -> Ite
             except Exception as error:  # noqa: BLE001 - any decoding failure skips the file
                 failed.append(f"{path}: {type(error).__name__}: {error}")
         yield loaded, failed
-
-
-def overlay_mask(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The frame with the mask filled translucently and outlined (a line about 0.5% of the image's side)."""
-    overlay = frame.astype(np.float32)
-    overlay[mask] = (1.0 - OVERLAY_ALPHA) * overlay[mask] + OVERLAY_ALPHA * OVERLAY_COLOR
-    thickness = max(1, round(min(mask.shape) / 200))
-    eroded = PIL.Image.fromarray(mask.astype(np.uint8) * 255).filter(PIL.ImageFilter.MinFilter(2 * thickness + 1))
-    outline = mask & ~(np.asarray(eroded) > 0)
-    overlay[outline] = OVERLAY_COLOR
-    return overlay.round().astype(np.uint8)
-
-
-def heat_map(coefficients: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A `(1, h, w)` gate map in [0, 1], resized to `size`, as an RGB uint8 heat map on a fixed [0, 1] scale."""
-    import matplotlib
-
-    resized = F.interpolate(coefficients[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
-    colors = matplotlib.colormaps[HEATMAP_COLORMAP](resized.clamp(0, 1).numpy())[..., :3]
-    return (colors * 255).round().astype(np.uint8)
 
 
 def run_batch(segmenter, processor, frames: list[np.ndarray], args, threshold: float):

@@ -14,15 +14,13 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from image_processing_attention_unet import to_rgb_uint8
+from image_processing_attention_unet import binarize_mask, resize_mask, to_rgb_uint8
 
 DEFAULT_DATASET = "kowndinya23/Kvasir-SEG"  # the Hub copy: columns name / image / annotation, splits train / validation
 SPLITS = ("train", "validation", "test")
 IMAGE_COLUMN_CANDIDATES = ("image", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("mask", "annotation", "label", "segmentation_mask")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-# Kvasir-SEG masks are JPEGs: 0..8 is background noise and 247..255 foreground noise.
-MASK_THRESHOLD = 127
 SPLIT_SEED = 42
 
 
@@ -167,14 +165,6 @@ def _open(reference: Any) -> PIL.Image.Image:
     return PIL.Image.open(reference)
 
 
-def binarize_mask(mask: np.ndarray) -> np.ndarray:
-    """`(H, W)` or `(H, W, C)` mask in any common encoding -> `(H, W)` bool. 0/1 masks are taken as they are; anything
-    with larger values (0/255 PNGs, JPEG masks with compression noise, RGB masks) is thresholded at 127."""
-    if mask.ndim == 3:
-        mask = mask.max(axis=-1)
-    return mask > 0 if mask.max(initial=0) <= 1 else mask > MASK_THRESHOLD
-
-
 def decode_sample(sample: RawSample, resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decodes one sample to a `(3, S, S)` uint8 image and an `(S, S)` bool mask (S = `resolution`, or the original
     size when `None`). Raises `DataError` naming the sample on any problem."""
@@ -191,8 +181,7 @@ def decode_sample(sample: RawSample, resolution: int | None) -> tuple[torch.Tens
     if resolution is not None:
         size = (resolution, resolution)
         image = np.asarray(PIL.Image.fromarray(image).resize(size, PIL.Image.Resampling.BILINEAR))
-        mask_image = PIL.Image.fromarray(mask.astype(np.uint8) * 255)
-        mask = np.asarray(mask_image.resize(size, PIL.Image.Resampling.BILINEAR)) > MASK_THRESHOLD
+        mask = resize_mask(mask, size)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1), torch.from_numpy(np.array(mask))
 
 

@@ -28,7 +28,8 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils import load as accelerate_load
-from safetensors.torch import load_file, load_model, save_model
+import safetensors.torch
+from safetensors.torch import load_file, save_model
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, get_scheduler
@@ -41,6 +42,7 @@ from segmentation_data import (
     load_splits,
     training_augmentation,
 )
+from segmentation_inference import check_remote_code_allowed, load_model
 from segmentation_metrics import confusion_counts, format_table, summarize
 
 logger = get_logger(__name__)
@@ -92,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--init_from", default=None,
                        help="Start from the weights of a saved model (folder or Hub id): fine-tuning, or continuing a "
                             "long run in stages.")
+    model.add_argument("--trust_remote_code", action="store_true",
+                       help="Allow a Hub id for --config_name or --init_from: that repository's Python code "
+                            "(configuration, model, processor) then runs here. Local folders need no flag.")
     model.add_argument("--init_encoder_from", default=None,
                        help="Start only the encoder from a saved model folder of this architecture (its `encoder.*` "
                             "tensors); the decoder and head start from their initialisation: a new decoder on a "
@@ -221,6 +226,7 @@ def parse_config_overrides(text: str) -> dict:
 
 
 def load_config_and_processor(args: argparse.Namespace):
+    check_remote_code_allowed(args.config_name, args.trust_remote_code, "--config_name")
     config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=True)
     if args.config_overrides:
         overrides = parse_config_overrides(args.config_overrides)
@@ -231,13 +237,12 @@ def load_config_and_processor(args: argparse.Namespace):
     config.image_size = args.resolution
     processor = AutoImageProcessor.from_pretrained(args.config_name, trust_remote_code=True)
     processor.size = {"height": args.resolution, "width": args.resolution}
-    processor.threshold = config.threshold
     return config, processor
 
 
 def build_model(config, args: argparse.Namespace):
     if args.init_from:
-        model = AutoModel.from_pretrained(args.init_from, config=config, trust_remote_code=True, use_safetensors=True)
+        model = load_model(args.init_from, trust_remote_code=args.trust_remote_code, config=config, flag="--init_from")
     else:
         model = AutoModel.from_config(config, trust_remote_code=True)
     if args.init_encoder_from:
@@ -421,7 +426,7 @@ def load_checkpoint(
                                 "the moving average cannot be resumed. Resume without --model_ema_decay.")
     accelerator.load_state(str(checkpoint))
     if model_ema is not None:
-        load_model(model_ema.module, str(checkpoint / MODEL_EMA_FILE), device=str(accelerator.device))
+        safetensors.torch.load_model(model_ema.module, str(checkpoint / MODEL_EMA_FILE), device=str(accelerator.device))
     state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
     logger.info(f"Resumed from {checkpoint}: epoch {state['epoch']}, step {state['completed_steps']}.")
     return state

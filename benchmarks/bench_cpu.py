@@ -45,6 +45,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from export_onnx import DYNAMIC_AXES, export_model, export_to_onnx  # noqa: E402
+from segmentation_inference import load_model  # noqa: E402
 
 README_START = "<!-- performance:start -->"
 README_END = "<!-- performance:end -->"
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None,
                         help="A saved model folder or Hub id (default: the repository's config.json with random "
                              "weights, or the tiny config with --tiny).")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="Allow a Hub --model, whose Python code (configuration, model) then runs here.")
     parser.add_argument("--resolution", type=int, default=None, help="Input side (default: 256, or 64 with --tiny).")
     parser.add_argument("--batch_size", type=int, default=8, help="Batch of the throughput and training figures.")
     parser.add_argument("--repeats", type=int, default=10, help="Timed runs per figure (the median is reported).")
@@ -155,7 +158,7 @@ def build_ours(args):
     from transformers import AutoConfig, AutoModel
 
     if args.model:
-        model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
+        model = load_model(args.model, trust_remote_code=args.trust_remote_code)
         source = args.model
     else:
         config = AutoConfig.from_pretrained(REPO_ROOT, trust_remote_code=True, **(TINY_OVERRIDES if args.tiny else {}))

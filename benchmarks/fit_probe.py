@@ -34,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from segmentation_data import PolypSegmentationDataset, decode_samples, load_local_splits, training_augmentation  # noqa: E402
+from segmentation_inference import check_remote_code_allowed  # noqa: E402
 from segmentation_metrics import confusion_counts, summarize  # noqa: E402
 
 MODELS = ("ours", "smp-convnext", "smp-resnet34")
@@ -42,7 +43,9 @@ MODELS = ("ours", "smp-convnext", "smp-resnet34")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ours", choices=MODELS)
-    parser.add_argument("--config_name", default=str(REPO_ROOT), help="Config folder for `ours`.")
+    parser.add_argument("--config_name", default=str(REPO_ROOT), help="Config folder (or Hub id) for `ours`.")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="Allow a Hub id for --config_name, whose Python code then runs here.")
     parser.add_argument("--config_overrides", default="{}", help="JSON object of config fields for `ours`.")
     parser.add_argument("--init_encoder_from", default=None,
                         help="A model folder whose `encoder.*` tensors start `ours` (the rest from scratch).")
@@ -64,6 +67,7 @@ def build_model(args: argparse.Namespace):
     """Returns the model and this project's loss function (from the model code, as `trust_remote_code` loads it)."""
     from transformers import AutoConfig, AutoModel
 
+    check_remote_code_allowed(args.config_name, args.trust_remote_code, "--config_name")
     config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=True, **json.loads(args.config_overrides))
     torch.manual_seed(args.seed)
     if args.model == "ours":

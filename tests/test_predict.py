@@ -116,15 +116,15 @@ def test_grayscale_rgba_16bit_exif_and_tiff_inputs(tiny_model_dir, tmp_path):
 
 
 def test_overlay_fills_and_outlines_the_mask():
-    import predict
+    import segmentation_inference as inference
 
     frame = np.full((60, 80, 3), 100, dtype=np.uint8)
     mask = np.zeros((60, 80), dtype=bool)
     mask[20:40, 30:60] = True
-    overlay = predict.overlay_mask(frame, mask)
+    overlay = inference.overlay_mask(frame, mask)
     assert (overlay[~mask] == frame[~mask]).all()  # outside untouched
     assert (overlay[mask[:, :, None].repeat(3, -1)].reshape(-1, 3) != 100).any(axis=1).all()  # inside changed
-    assert (overlay[20, 45] == predict.OVERLAY_COLOR).all()  # the border is drawn in the solid colour
+    assert (overlay[20, 45] == inference.OVERLAY_COLOR).all()  # the border is drawn in the solid colour
     inside = overlay[30, 45].astype(float)  # the interior is blended
-    assert np.allclose(inside, (1 - predict.OVERLAY_ALPHA) * 100 + predict.OVERLAY_ALPHA * predict.OVERLAY_COLOR,
+    assert np.allclose(inside, (1 - inference.OVERLAY_ALPHA) * 100 + inference.OVERLAY_ALPHA * inference.OVERLAY_COLOR,
                        atol=1)

@@ -97,7 +97,7 @@ def test_evaluate_refuses_a_folder_with_only_a_pickle(pickle_only_model_dir, mar
     spec = importlib.util.spec_from_file_location("attention_unet_evaluate", REPO_ROOT / "evaluate.py")
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
-    with pytest.raises(OSError, match="model.safetensors"):
+    with pytest.raises((OSError, ValueError), match="model.safetensors"):
         evaluate.main(["--model", str(pickle_only_model_dir), "--dataset_name", str(tmp_path / "never_read"),
                        "--device", "cpu"])
     assert not marker.exists()
@@ -131,8 +131,7 @@ def test_plain_from_pretrained_never_unpickles_code(tiny_model_dir, tmp_path, ma
     write_malicious_pickle(folder / "pytorch_model.bin", marker, torch_format)
     if force_no_weights_only:
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    # UnpicklingError from torch today; with the `check_checkpoint_files` patch, a ValueError before any torch.load.
-    with pytest.raises((pickle.UnpicklingError, ValueError)):
+    with pytest.raises(pickle.UnpicklingError):
         AutoModel.from_pretrained(folder, trust_remote_code=True)
     assert not marker.exists()
 
@@ -156,18 +155,18 @@ def test_config_redirect_to_a_malicious_pickle_does_not_run_it(tiny_model_dir, t
     assert not marker.exists()
 
 
-def test_use_safetensors_refuses_a_config_redirect_to_a_pickle(tiny_model_dir, tmp_path):
-    """A tensors-only pickle cannot run code, but `use_safetensors=True` must still mean no pickle is read at all, e.g.
-    when the weights and config come from an unreviewed revision and the code from a pinned `code_revision`."""
+def test_scripts_refuse_a_config_redirect_to_a_pickle(tiny_model_dir, tmp_path):
+    """A tensors-only pickle cannot run code, but the scripts must still read no pickle at all, e.g. when the weights
+    and config come from an unreviewed revision. transformers itself follows `transformers_weights` to the pickle."""
     from safetensors.torch import load_file
-    from transformers import AutoModel
+    from segmentation_inference import load_model
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     torch.save(load_file(folder / "model.safetensors"), folder / "adapter_model.bin")
     redirect_weights(folder, "adapter_model.bin")
     with pytest.raises(ValueError, match="adapter_model.bin"):
-        AutoModel.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
+        load_model(folder)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -466,24 +465,28 @@ def damaged_copy(tiny_model_dir: Path, folder: Path, damage: str) -> Path:
     return weights
 
 
-@pytest.mark.parametrize("damage", ["truncated", "wrong_shape"])
+@pytest.mark.parametrize("damage", ["truncated", "wrong_shape", "missing_tensor", "unexpected_tensor"])
 def test_damaged_weights_never_load(tiny_model_dir, tmp_path, damage):
-    """What transformers 5.24 already guarantees: a truncated file (SafetensorError) and a wrong-shaped tensor
-    (RuntimeError, since `ignore_mismatched_sizes` is False) both fail."""
+    """Plain `from_pretrained` as users call it: transformers fails on a truncated file and a wrong-shaped tensor; the
+    model's own `from_pretrained` makes missing and left-over tensors an error naming the folder, where transformers
+    would only log them."""
     from transformers import AutoModel
 
     folder = damaged_copy(tiny_model_dir, tmp_path / "model", damage).parent
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as caught:
         AutoModel.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
+    if damage in ("missing_tensor", "unexpected_tensor"):
+        assert str(folder) in str(caught.value)
+        assert (DECODER_TENSOR if damage == "missing_tensor" else UNEXPECTED_TENSOR) in str(caught.value)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "wrong_shape", "missing_tensor", "unexpected_tensor"])
-def test_damaged_weights_fail_naming_the_file_and_tensor(tiny_model_dir, tmp_path, damage):
-    from transformers import AutoModel
+def test_scripts_name_the_damaged_file_and_tensor(tiny_model_dir, tmp_path, damage):
+    from segmentation_inference import load_model
 
     weights = damaged_copy(tiny_model_dir, tmp_path / "model", damage)
-    with pytest.raises((ValueError, OSError)) as caught:
-        AutoModel.from_pretrained(weights.parent, trust_remote_code=True, use_safetensors=True)
+    with pytest.raises(ValueError) as caught:
+        load_model(weights.parent)
     message = str(caught.value)
     assert str(weights) in message
     if damage in ("wrong_shape", "missing_tensor"):
