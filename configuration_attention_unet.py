@@ -1,8 +1,17 @@
 """Attention U-Net configuration."""
 
+import re
+
 import timm
+import transformers
 from transformers import PretrainedConfig
 
+MINIMUM_TRANSFORMERS = (4, 57)
+if tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2]) < MINIMUM_TRANSFORMERS:
+    raise ImportError(
+        f"This model's code needs transformers >= {'.'.join(map(str, MINIMUM_TRANSFORMERS))}, but "
+        f"{transformers.__version__} is installed: pip install -U 'transformers>=4.57'."
+    )
 
 
 class AttentionUNetConfig(PretrainedConfig):

@@ -21,7 +21,7 @@ from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
 from segmentation_data import DEFAULT_DATASET, DataError, PolypSegmentationDataset, decode_samples, load_splits
-from segmentation_inference import load_model_and_processor, predict_logits
+from segmentation_inference import check_remote_code_arguments, load_model_and_processor, predict_logits
 from segmentation_metrics import METRIC_NAMES, confusion_counts, format_table, metrics_from_counts, summarize
 
 
@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="Average the logits of the input and its flips.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_json", default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
+    return args
 
 
 def weights_provenance(model_id: str, revision: str | None) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segmentation_inference import UntrustedRemoteCodeError, load_model, load_processor
+from segmentation_inference import UntrustedRemoteCodeError, check_remote_code_arguments, load_model, load_processor
 
 REPO_ROOT = Path(__file__).resolve().parent
 # The dynamo exporter's ONNX functions (torchlib) are written for opset 18; other opsets go through a version converter.
@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--atol", type=float, default=1e-3,
                         help="Largest absolute logit difference the check accepts (default: %(default)s).")
     parser.add_argument("--skip_check", action="store_true", help="Only export.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
+    return args
 
 
 class OnnxExportWrapper(nn.Module):

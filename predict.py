@@ -27,7 +27,9 @@ from transformers import AutoConfig
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from image_processing_attention_unet import to_rgb_uint8
-from segmentation_inference import heat_map, load_model, load_processor, overlay_mask, predict_logits
+from segmentation_inference import (
+    check_remote_code_arguments, heat_map, load_model, load_processor, overlay_mask, predict_logits,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
@@ -66,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--threshold must lie in (0, 1)")
     if args.onnx is not None and args.channels_last:
         parser.error("--channels_last applies to the PyTorch model, not to --onnx")
+    check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
     return args
 
 

@@ -56,6 +56,17 @@ def check_remote_code_allowed(name_or_path: str | Path, trust_remote_code: bool,
             )
 
 
+def check_remote_code_arguments(parser, trust_remote_code: bool, sources: dict[str, str | None]) -> None:
+    """For a script's `parse_args`: `parser.error` (exit status 2, nothing downloaded or run) for the first of
+    `sources` (`{"--flag": value}`, `None` values skipped) that would run code the user did not allow."""
+    for flag, value in sources.items():
+        if value is not None:
+            try:
+                check_remote_code_allowed(value, trust_remote_code, flag)
+            except UntrustedRemoteCodeError as error:
+                parser.error(str(error))
+
+
 def resolve_weight_files(name_or_path: str | Path, revision: str | None = None) -> list[str]:
     """The weight files `from_pretrained(..., use_safetensors=True)` would read (downloaded for a Hub id), refusing
     anything but safetensors, also when `config.json` redirects the weights (`transformers_weights`) to a pickle."""

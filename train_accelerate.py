@@ -42,7 +42,7 @@ from segmentation_data import (
     load_splits,
     training_augmentation,
 )
-from segmentation_inference import check_remote_code_allowed, load_model
+from segmentation_inference import check_remote_code_allowed, check_remote_code_arguments, load_model
 from segmentation_metrics import confusion_counts, format_table, summarize
 
 logger = get_logger(__name__)
@@ -158,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     args.config_name = args.config_name or args.init_from or str(REPO_ROOT)
+    check_remote_code_arguments(parser, args.trust_remote_code,
+                                {"--init_from": args.init_from, "--config_name": args.config_name})
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id.")
     if args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():

@@ -45,7 +45,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from export_onnx import DYNAMIC_AXES, export_model, export_to_onnx  # noqa: E402
-from segmentation_inference import load_model  # noqa: E402
+from segmentation_inference import check_remote_code_arguments, load_model  # noqa: E402
 
 README_START = "<!-- performance:start -->"
 README_END = "<!-- performance:end -->"
@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--update_readme", default=None, metavar="README.md",
                         help="Replace the text between the performance markers of this file with the results.")
     args = parser.parse_args(argv)
+    check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
     args.resolution = args.resolution or (64 if args.tiny else 256)
     if min(args.batch_size, args.repeats, args.threads, args.resolution) < 1 or args.warmup < 0:
         parser.error("--batch_size, --repeats, --threads and --resolution must be positive, --warmup non-negative")

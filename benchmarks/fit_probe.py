@@ -34,7 +34,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from segmentation_data import PolypSegmentationDataset, decode_samples, load_local_splits, training_augmentation  # noqa: E402
-from segmentation_inference import check_remote_code_allowed  # noqa: E402
+from segmentation_inference import check_remote_code_allowed, check_remote_code_arguments  # noqa: E402
 from segmentation_metrics import confusion_counts, summarize  # noqa: E402
 
 MODELS = ("ours", "smp-convnext", "smp-resnet34")
@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default=None, help="What this probe measures, for the table.")
     parser.add_argument("--output_jsonl", default=None, help="Append the result line to this file.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_remote_code_arguments(parser, args.trust_remote_code, {"--config_name": args.config_name})
+    return args
 
 
 def build_model(args: argparse.Namespace):

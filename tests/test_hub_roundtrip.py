@@ -194,7 +194,7 @@ def test_evaluate_runs_on_the_hub_model_and_dataset(hub, hub_training, tmp_path)
     output_json = tmp_path / "eval.json"
     completed = subprocess.run(
         [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", MODEL_ID, "--dataset_name", DATASET_ID,
-         "--split", "test", "--resolution", "64", "--output_json", str(output_json)],
+         "--split", "test", "--resolution", "64", "--output_json", str(output_json), "--trust_remote_code"],
         cwd=REPO_ROOT, env=hub.client_env(tmp_path / "fresh_hf_home"), capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-6000:]

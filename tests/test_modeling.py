@@ -144,12 +144,16 @@ def test_gradients_reach_every_gate(decoder):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
+    """Through whichever switch this transformers has (`activation_checkpointing_enable` since 5.x); the timm
+    encoder's own stages follow it."""
+
     def gradients(checkpointing: bool) -> list[torch.Tensor]:
         model = make_model(seed=1, **TINY_OVERRIDES).train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         torch.manual_seed(2)
         model(torch.randn(2, 3, 64, 64), labels=(torch.rand(2, 64, 64) > 0.5).float()).loss.backward()
+        assert model.encoder.grad_checkpointing == checkpointing  # timm's feature wrapper checkpoints each stage
         return [p.grad.clone() for p in model.parameters()]
 
     for plain, checkpointed in zip(gradients(False), gradients(True)):
@@ -272,3 +276,62 @@ print(json.dumps({{"size": list(image.size), "segments": [[r["label"], list(r["m
     for label, size in result["segments"]:
         assert label in {"background", "polyp"}
         assert size == result["size"]
+
+
+@pytest.mark.parametrize(
+    ("encoder_name", "input_side"),
+    [("test_resnet", 64), ("test_mambaout", 64), ("test_coatnet", 160)],
+    ids=["stride-2 CNN", "channels-last (NHWC) features", "non-persistent buffers"],
+)
+def test_other_timm_encoders_train_save_and_load(encoder_name, input_side, tmp_path):
+    """A ResNet (a stride-2 skip), an encoder whose features come channels-last, and one whose relative-position
+    indices are non-persistent buffers (which transformers re-creates empty on loading: timm's values must return)."""
+    from transformers import AutoModel
+
+    model = make_model(encoder_name=encoder_name, decoder_channels=[32, 16, 16, 8, 8])
+    pixel_values = torch.randn(2, 3, input_side, input_side)
+    labels = (torch.rand(2, input_side, input_side) > 0.5).float()
+    model.train()
+    outputs = model(pixel_values, labels=labels, output_attentions=True)
+    outputs.loss.backward()
+    assert torch.isfinite(outputs.loss) and outputs.logits.shape == (2, 1, input_side, input_side)
+    assert len(outputs.attentions) == len(model.decoder.skip_strides) - model.decoder.skip_strides.count(None)
+    model.eval().save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)
+
+
+def test_shipped_weights_load_for_one_channel_input_with_every_tensor_initialised():
+    """`num_channels=1, ignore_mismatched_sizes=True`: transformers re-creates the stem convolution empty and does not
+    initialise it (the encoder is timm's); it must come out with timm's init, and the rest as shipped."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(REPO_ROOT, trust_remote_code=True, num_channels=1,
+                                      ignore_mismatched_sizes=True).eval()
+    shipped = load_file(REPO_ROOT / "model.safetensors")
+    state = model.state_dict()
+    recreated = [name for name, tensor in state.items() if tensor.shape != shipped[name].shape]
+    assert recreated == ["encoder.stem_0.weight"]
+    stem = state["encoder.stem_0.weight"]
+    assert torch.isfinite(stem).all() and stem.std().item() == pytest.approx(0.02, rel=0.2)  # timm's trunc_normal_
+    assert all(torch.equal(tensor, shipped[name]) for name, tensor in state.items() if name not in recreated)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.rand(1, 1, 64, 64)).logits).all()
+
+
+def test_more_than_one_output_channel_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="num_output_channels.*must be 1"):
+        make_config(num_output_channels=2)
+
+
+def test_older_transformers_fails_at_import_with_the_version_needed(monkeypatch):
+    import importlib.util
+
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.56.2")
+    spec = importlib.util.spec_from_file_location("old_config", REPO_ROOT / "configuration_attention_unet.py")
+    with pytest.raises(ImportError, match=r"transformers >= 4\.57.*4\.56\.2"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
