@@ -272,6 +272,7 @@ print(json.dumps({{"size": list(image.size), "segments": [[r["label"], list(r["m
 """
     completed = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, cwd=tmp_path)
     result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert "is not supported for image-segmentation" not in completed.stderr
     assert result["segments"], "the pipeline returned no segment"
     for label, size in result["segments"]:
         assert label in {"background", "polyp"}
