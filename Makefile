@@ -1,4 +1,5 @@
-# `make demo` segments the bundled example frames with the shipped checkpoint; `make test` runs the whole suite.
+# `make demo` segments the bundled example frames with the shipped checkpoint; `make app` serves the Gradio demo on
+# 127.0.0.1 (APP_PORT, default 7860); `make test` runs the whole suite.
 # `make train-cpu` runs (or, run again, resumes) the CPU long run that trains the next weights. All create .venv and
 # install the pinned requirements first if needed.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ BIN = $(VENV)/bin
 KVASIR_SEG_DIR ?= ../shared/data/kvasir-seg
 TRAIN_OUTPUT_DIR ?= runs/cpu-v2
 
-.PHONY: install demo test train-cpu
+.PHONY: install demo app test train-cpu
 
 install: $(VENV)/.installed
 
@@ -20,6 +21,11 @@ $(VENV)/.installed: requirements.txt
 
 demo: install
 	$(BIN)/python predict.py examples/ --model . --output_dir outputs/demo
+
+APP_PORT ?= 7860
+
+app: install
+	GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 $(BIN)/python app.py --model . --server_name 127.0.0.1 --server_port $(APP_PORT)
 
 test: install
 	$(BIN)/python -m pytest tests -q

@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""Segments polyps in images with an Attention U-Net and writes, for every image and at its original size, a binary
-mask and an overlay (and, on request, one heat map per attention gate).
+"""Segments polyps in images and colonoscopy videos with an Attention U-Net and writes, for every image and at its
+original size, a binary mask and an overlay (and, on request, one heat map per attention gate); for every video, the
+overlaid video and a per-frame CSV.
 
     python predict.py frames/ extra/*.png one.tif --model . --output_dir predictions
     python predict.py frames/ --model . --output_dir predictions --tta --attention_maps
+    python predict.py colonoscopy.mp4 --model . --output_dir predictions --every 2
     python predict.py frames/ --onnx model.onnx --output_dir predictions
 
 For an input `frame.jpg` the outputs are `frame_mask.png` (0 background, 255 polyp), `frame_overlay.png` (the mask's
 outline and a translucent fill over the frame) and, with `--attention_maps`, `frame_attention_<i>.png` per gate,
-coarsest first. INPUT may be files, folders (their JPEG, PNG and TIFF files) or glob patterns; grayscale, RGBA and
-16-bit images are converted to RGB and EXIF orientation is applied. Files that cannot be read are reported on stderr
-and skipped; the exit status is then 1.
+coarsest first. For a video `clip.mp4` (also .avi, .mkv, .mov; read with PyAV) they are `clip_overlay.mp4` (H.264 at
+the source's frame rate and size) and `clip_frames.csv` (frame_index, time_seconds, polyp_area_fraction,
+mean_probability; with `--every N` only every N-th frame is segmented, and the frames in between show its mask).
+INPUT may be files, folders (their images and videos) or glob patterns; grayscale, RGBA and 16-bit images are
+converted to RGB and EXIF orientation is applied. Files that cannot be read are reported on stderr and skipped; the
+exit status is then 1.
 """
 
 import argparse
@@ -28,7 +33,8 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from image_processing_attention_unet import to_rgb_uint8
 from segmentation_inference import (
-    check_remote_code_arguments, heat_map, load_model, load_processor, overlay_mask, predict_logits,
+    VIDEO_EXTENSIONS, check_remote_code_arguments, heat_map, load_model, load_processor, overlay_mask, segment_frames,
+    segment_video,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -50,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Foreground probability cut-off (default: the model's `config.threshold`; with --onnx, "
                              "the one export_onnx.py stored in the file).")
     parser.add_argument("--tta", action="store_true", help="Average the logits of the image and its flips.")
+    parser.add_argument("--every", type=int, default=1, metavar="N",
+                        help="In videos, segment every N-th frame (default: every frame).")
     parser.add_argument("--attention_maps", action="store_true",
                         help="Also write each attention gate's coefficient map as a heat map.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -62,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.model is None and args.onnx is None:
         parser.error("give --model, or --onnx (with --model for a processor other than this repository's)")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
+    if args.batch_size < 1 or args.every < 1:
+        parser.error("--batch_size and --every must be at least 1")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         parser.error("--threshold must lie in (0, 1)")
     if args.onnx is not None and args.channels_last:
@@ -79,7 +87,8 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
         elif path.is_file():
             found = [path]  # named explicitly: tried whatever its extension
         else:
@@ -165,42 +174,57 @@ def iterate_batches(paths: list[Path], stems: list[str], batch_size: int) -> Ite
         yield loaded, failed
 
 
-def run_batch(segmenter, processor, frames: list[np.ndarray], args, threshold: float):
-    """`frames` -> their masks at the original size, and each gate's maps `(B, 1, h, w)` if requested."""
-    pixel_values = processor(images=frames, return_tensors="pt")["pixel_values"]
-    if args.onnx is None:
-        pixel_values = pixel_values.to(args.device)
-        if args.channels_last:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-    attentions = None
-    if args.attention_maps:
-        # The gates' maps are those of the image as given (not of its flips).
-        outputs = segmenter(pixel_values=pixel_values, output_attentions=True)
-        attentions = [gate.cpu() for gate in outputs.attentions]
-        logits = predict_logits(segmenter, pixel_values, tta=True) if args.tta else outputs.logits
-    else:
-        logits = predict_logits(segmenter, pixel_values, tta=args.tta)
-    masks = processor.post_process_semantic_segmentation(
-        SemanticSegmenterOutput(logits=logits.cpu()),
-        target_sizes=[frame.shape[:2] for frame in frames],
-        threshold=threshold,
-    )
-    return masks, attentions
-
-
-def save_outputs(output_dir: Path, stem: str, frame: np.ndarray, mask: torch.Tensor, gate_maps: list | None) -> None:
-    mask = mask.numpy().astype(bool)
-    PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(output_dir / f"{stem}_mask.png")
-    PIL.Image.fromarray(overlay_mask(frame, mask)).save(output_dir / f"{stem}_overlay.png")
-    for index, gate_map in enumerate(gate_maps or []):
+def save_outputs(output_dir: Path, stem: str, frame: np.ndarray, result) -> None:
+    PIL.Image.fromarray(result.mask.astype(np.uint8) * 255).save(output_dir / f"{stem}_mask.png")
+    PIL.Image.fromarray(overlay_mask(frame, result.mask)).save(output_dir / f"{stem}_overlay.png")
+    for index, gate_map in enumerate(result.gate_maps or []):
         PIL.Image.fromarray(heat_map(gate_map, frame.shape[:2])).save(output_dir / f"{stem}_attention_{index}.png")
+
+
+def segment_images(paths, stems, segment, output_dir: Path, batch_size: int) -> tuple[int, list[str]]:
+    """Writes each image's outputs; returns how many were written and the failures."""
+    failed, written = [], 0
+    progress = tqdm(total=len(paths), unit="image", desc="Segmenting images")
+    for batch, batch_failures in iterate_batches(paths, stems, batch_size):
+        for failure in batch_failures:
+            tqdm.write(f"error: cannot read {failure}", file=sys.stderr)
+        failed.extend(batch_failures)
+        if batch:
+            results = segment([frame for _, frame in batch])
+            for (stem, frame), result in zip(batch, results):
+                save_outputs(output_dir, stem, frame, result)
+            written += len(batch)
+        progress.update(len(batch) + len(batch_failures))
+    progress.close()
+    return written, failed
+
+
+def segment_videos(paths, stems, segment, output_dir: Path, args) -> tuple[int, list[str]]:
+    """Writes each video's overlay and CSV; returns how many were written and the failures."""
+    failed, written = [], 0
+    for path, stem in zip(paths, stems):
+        with tqdm(unit="frame", desc=f"Segmenting {path.name}") as progress:
+            try:
+                summary = segment_video(segment, path, output_dir / f"{stem}_overlay.mp4",
+                                        output_dir / f"{stem}_frames.csv", args.every, args.batch_size,
+                                        progress.update)
+            except ValueError as error:
+                tqdm.write(f"error: cannot read {error}", file=sys.stderr)
+                failed.append(str(path))
+                continue
+        written += 1
+        print(f"{path}: {summary.frames} frames ({summary.width}x{summary.height}, {summary.frames_per_second:g} "
+              f"frames/s), {summary.segmented_frames} segmented in {summary.seconds:.1f} s "
+              f"({summary.frames / summary.seconds:.2f} frames/s) -> {summary.output_video.name}, "
+              f"{summary.output_csv.name}")
+    return written, failed
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     paths, missing = collect_inputs(args.inputs)
     for item in missing:
-        print(f"error: {item}: no such file, or no image in it", file=sys.stderr)
+        print(f"error: {item}: no such file, or no image or video in it", file=sys.stderr)
     if not paths:
         return 1
     segmenter, processor, default_threshold = load_segmenter(args)
@@ -208,24 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    failed, written = list(missing), 0
-    progress = tqdm(total=len(paths), unit="image", desc="Segmenting")
-    with torch.inference_mode():
-        for batch, batch_failures in iterate_batches(paths, output_stems(paths), args.batch_size):
-            for failure in batch_failures:
-                tqdm.write(f"error: cannot read {failure}", file=sys.stderr)
-            failed.extend(batch_failures)
-            if batch:
-                frames = [frame for _, frame in batch]
-                masks, attentions = run_batch(segmenter, processor, frames, args, threshold)
-                for index, ((stem, frame), mask) in enumerate(zip(batch, masks)):
-                    gate_maps = [gate[index] for gate in attentions] if attentions is not None else None
-                    save_outputs(output_dir, stem, frame, mask, gate_maps)
-                written += len(batch)
-            progress.update(len(batch) + len(batch_failures))
-    progress.close()
+    def segment(frames):
+        return segment_frames(segmenter, processor, frames, threshold, args.tta, args.attention_maps,
+                              None if args.onnx else args.device, args.channels_last)
 
-    print(f"Wrote the predictions for {written} image(s) to {output_dir}"
+    stems = dict(zip(paths, output_stems(paths)))
+    videos = [path for path in paths if path.suffix.lower() in VIDEO_EXTENSIONS]
+    images = [path for path in paths if path not in videos]
+    written_images, failed_images = segment_images(images, [stems[p] for p in images], segment, output_dir,
+                                                   args.batch_size)
+    written_videos, failed_videos = segment_videos(videos, [stems[p] for p in videos], segment, output_dir, args)
+    failed = [*missing, *failed_images, *failed_videos]
+
+    print(f"Wrote the predictions for {written_images} image(s) and {written_videos} video(s) to {output_dir}"
           f" (threshold {threshold:g}{', flip TTA' if args.tta else ''}{', ONNX Runtime' if args.onnx else ''}).")
     if failed:
         print(f"{len(failed)} input(s) failed, see above.", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""What the scripts share to run a saved Attention U-Net: loading it safely, flip TTA, and drawing masks and gate maps.
+"""What the scripts and the demo share to run a saved Attention U-Net: loading it safely, segmenting frames (flip TTA
+included) and videos, and drawing masks, probabilities and gate maps.
 
 `load_model_and_processor` is the one way the scripts load a model. A local folder loads as it is; a Hub id runs that
 repository's Python (its configuration, model and processor files), so it is refused unless the user passed
@@ -7,7 +8,11 @@ safetensors files, readable, holding exactly the tensors the config builds, each
 file and the tensor.
 """
 
+import csv
 import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import cached_file
 
 OVERLAY_COLOR = np.array([0, 255, 0], dtype=np.float32)
@@ -24,6 +30,8 @@ OVERLAY_ALPHA = 0.35
 HEATMAP_COLORMAP = "jet"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov"}
+VIDEO_CSV_FIELDS = ("frame_index", "time_seconds", "polyp_area_fraction", "mean_probability")
 
 
 class UntrustedRemoteCodeError(ValueError):
@@ -162,6 +170,172 @@ def predict_logits(model, pixel_values: torch.Tensor, tta: bool = False) -> torc
     return torch.stack([lg.flip(dims) if dims else lg for lg, dims in zip(logits, flips)]).mean(0)
 
 
+@dataclass
+class FrameSegmentation:
+    """One frame's result at its original size: `mask` `(H, W)` bool, `probability` `(H, W)` float32 in [0, 1], and
+    each gate's coefficients `(1, h, w)`, coarsest first (when asked for)."""
+
+    mask: np.ndarray
+    probability: np.ndarray
+    gate_maps: list[torch.Tensor] | None = None
+
+    @property
+    def area_fraction(self) -> float:
+        return float(self.mask.mean())
+
+
+def segment_frames(model, processor, frames: list[np.ndarray], threshold: float, tta: bool = False,
+                   attention_maps: bool = False, device: str | torch.device | None = None,
+                   channels_last: bool = False) -> list[FrameSegmentation]:
+    """`(H, W, 3)` uint8 frames (any sizes) -> one `FrameSegmentation` each. `model` is the PyTorch model or anything
+    called like it (the ONNX Runtime session of predict.py); the masks are the processor's post-processing of the
+    (flip-averaged, with `tta`) logits, cut at `threshold`."""
+    pixel_values = processor(images=frames, return_tensors="pt")["pixel_values"]
+    if device is not None:
+        pixel_values = pixel_values.to(device)
+    if channels_last:
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+    gate_maps = None
+    with torch.inference_mode():
+        if attention_maps:
+            # The gates' maps are those of the frame as given (not of its flips).
+            outputs = model(pixel_values=pixel_values, output_attentions=True)
+            gate_maps = [gate.float().cpu() for gate in outputs.attentions]
+            logits = predict_logits(model, pixel_values, tta=True) if tta else outputs.logits
+        else:
+            logits = predict_logits(model, pixel_values, tta=tta)
+        logits = logits.float().cpu()
+        sizes = [frame.shape[:2] for frame in frames]
+        masks = processor.post_process_semantic_segmentation(
+            SemanticSegmenterOutput(logits=logits), target_sizes=sizes, threshold=threshold
+        )
+        probabilities = [
+            F.interpolate(frame_logits[None], size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid()
+            for frame_logits, size in zip(logits, sizes)
+        ]
+    return [
+        FrameSegmentation(mask.numpy().astype(bool), probability.numpy(),
+                          [gate[index] for gate in gate_maps] if gate_maps is not None else None)
+        for index, (mask, probability) in enumerate(zip(masks, probabilities))
+    ]
+
+
+@dataclass
+class VideoSummary:
+    frames: int
+    segmented_frames: int
+    frames_per_second: float  # the source's rate
+    width: int
+    height: int
+    seconds: float  # wall time of the whole pass
+    output_video: Path
+    output_csv: Path
+
+
+def read_video(path: str | Path) -> Iterator:
+    """Decoded frames of the first video stream of `path`, as PyAV `VideoFrame`s. Raises `ValueError` naming the
+    file when it is not a readable video."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as error:
+        raise ValueError(f"{path}: not a readable video ({error}).") from error
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: holds no video stream.")
+        try:
+            yield from container.decode(video=0)
+        except av.error.FFmpegError as error:
+            raise ValueError(f"{path}: the video is damaged ({error}).") from error
+
+
+def segment_video(
+    segment: Callable[[list[np.ndarray]], list[FrameSegmentation]],
+    path: str | Path,
+    output_video: str | Path,
+    output_csv: str | Path,
+    every: int = 1,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> VideoSummary:
+    """Segments every `every`-th frame of the video at `path` with `segment` (frames -> results), and writes the
+    overlaid video (the source's frame rate and size; frames in between show the latest mask) and a CSV with one row
+    per segmented frame: `VIDEO_CSV_FIELDS`. `progress` is called with the number of frames done since its last call.
+    Raises `ValueError` naming the file for an unreadable or damaged video; the partial outputs are then removed."""
+    import av
+
+    output_video, output_csv = Path(output_video), Path(output_csv)
+    start = time.perf_counter()
+    frames_read = segmented = 0
+    writer = stream = rate = None
+    try:
+        with open(output_csv, "w", newline="") as csv_file:
+            rows = csv.writer(csv_file)
+            rows.writerow(VIDEO_CSV_FIELDS)
+            pending: list[tuple[int, float, np.ndarray]] = []
+            latest_mask = None
+
+            def flush() -> None:
+                nonlocal latest_mask, segmented
+                to_segment = [(index, seconds, rgb) for index, seconds, rgb in pending if index % every == 0]
+                results = iter(segment([rgb for _, _, rgb in to_segment]) if to_segment else [])
+                for index, seconds, rgb in pending:
+                    if index % every == 0:
+                        result = next(results)
+                        latest_mask = result.mask
+                        rows.writerow([index, f"{seconds:.6f}", f"{result.area_fraction:.6f}",
+                                       f"{float(result.probability.mean()):.6f}"])
+                        segmented += 1
+                    shown = overlay_mask(rgb, latest_mask) if latest_mask is not None else rgb
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(shown, format="rgb24")):
+                        writer.mux(packet)
+                if progress is not None and pending:
+                    progress(len(pending))
+                pending.clear()
+
+            for frame in read_video(path):
+                if writer is None:
+                    writer, stream, rate = _open_video_writer(output_video, path, frame)
+                seconds = float(frame.time) if frame.time is not None else frames_read / float(rate)
+                pending.append((frames_read, seconds, frame.to_ndarray(format="rgb24")))
+                frames_read += 1
+                if len(pending) >= batch_size * every:
+                    flush()
+            if writer is None:
+                raise ValueError(f"{path}: holds no decodable frame.")
+            flush()
+            for packet in stream.encode():
+                writer.mux(packet)
+    except Exception:
+        if writer is not None:
+            writer.close()
+            writer = None
+        output_video.unlink(missing_ok=True)
+        output_csv.unlink(missing_ok=True)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    return VideoSummary(frames_read, segmented, float(rate), stream.width, stream.height,
+                        time.perf_counter() - start, output_video, output_csv)
+
+
+def _open_video_writer(output_video: Path, source_path, first_frame):
+    """An H.264 writer at the source's rate and the first frame's size (yuv444p when a side is odd, which 4:2:0
+    cannot hold)."""
+    import av
+
+    with av.open(str(source_path)) as source:
+        rate = source.streams.video[0].average_rate or source.streams.video[0].guessed_rate or 25
+    writer = av.open(str(output_video), "w")
+    stream = writer.add_stream("libx264", rate=rate)
+    stream.width, stream.height = first_frame.width, first_frame.height
+    stream.pix_fmt = "yuv420p" if first_frame.width % 2 == 0 and first_frame.height % 2 == 0 else "yuv444p"
+    stream.options = {"crf": "18"}
+    return writer, stream, rate
+
+
 def overlay_mask(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """`(H, W, 3)` uint8 frame and `(H, W)` bool mask -> the frame with the mask filled translucently and outlined (a
     line about 0.5% of the image's side)."""
@@ -174,11 +348,11 @@ def overlay_mask(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return overlay.round().astype(np.uint8)
 
 
-def heat_map(coefficients: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+def heat_map(coefficients: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A `(1, h, w)` map in [0, 1] (a gate's coefficients, or the polyp probability), resized to `size`, as an
     `(H, W, 3)` uint8 heat map on a fixed [0, 1] scale."""
     import matplotlib
 
-    resized = F.interpolate(coefficients[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    resized = F.interpolate(torch.as_tensor(coefficients)[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
     colors = matplotlib.colormaps[HEATMAP_COLORMAP](resized.clamp(0, 1).numpy())[..., :3]
     return (colors * 255).round().astype(np.uint8)

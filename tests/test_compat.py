@@ -1,6 +1,7 @@
-"""The remote code under the transformers releases downstream projects pin: the oldest supported (4.57, the last 4.x),
-5.0.0 and the pinned newest. Each release is installed with `pip install --target` next to the pinned torch and timm
-(so no torch is reinstalled), and the same probe (config, `AutoModel`, `AutoModelForSemanticSegmentation`,
+"""The remote code under the transformers and timm releases downstream projects pin: transformers 4.57 (the last 4.x,
+the oldest supported), 5.0.0 and the pinned newest; timm 1.0.20 (the release of 4.57's time) and the pinned 1.0.31.
+Each release is installed with `pip install --target` next to the pinned torch (timm without its dependencies, so no
+torch is reinstalled), and the same probe (config, `AutoModel`, `AutoModelForSemanticSegmentation`,
 `AutoImageProcessor`, the pipeline with `threshold=`) must give the pinned release's logits and masks. Needs the
 package registry; skips without it, except under CI (`CI=true`), where it fails."""
 
@@ -16,13 +17,18 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-RELEASES = ["4.57.6", "5.0.0"]
+RELEASES = {
+    "transformers 4.57.6": ["transformers==4.57.6"],
+    "transformers 5.0.0": ["transformers==5.0.0"],
+    "timm 1.0.20": ["timm==1.0.20"],
+    "transformers 4.57.6 + timm 1.0.20": ["transformers==4.57.6", "timm==1.0.20"],
+}
 INSTALL_CACHE = Path(os.environ.get("ATTENTION_UNET_COMPAT_CACHE", Path.home() / ".cache" / "attention-unet-compat"))
 EXAMPLE = sorted((REPO_ROOT / "examples").glob("*.jpg"))[0]
 
 PROBE = textwrap.dedent("""
     import json, sys
-    import numpy as np, PIL.Image, torch, transformers
+    import numpy as np, PIL.Image, timm, torch, transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, pipeline
 
     repo, image_path, output = sys.argv[1:4]
@@ -39,7 +45,7 @@ PROBE = textwrap.dedent("""
     areas = {str(threshold): {s["label"]: float((np.asarray(s["mask"]) > 0).mean()) for s in segmenter(image, **kwargs)}
              for threshold, kwargs in ((None, {}), (0.2, {"threshold": 0.2}), (0.8, {"threshold": 0.8}))}
     np.save(output, logits.numpy())
-    print(json.dumps({"version": transformers.__version__, "config": type(config).__name__,
+    print(json.dumps({"versions": [transformers.__version__, timm.__version__], "config": type(config).__name__,
                       "pipeline": type(segmenter).__name__, "same_auto_classes": same, "areas": areas}))
 """)
 
@@ -56,24 +62,25 @@ def run_probe(tmp_path: Path, name: str, pythonpath: str | None = None) -> tuple
     return json.loads(completed.stdout.strip().splitlines()[-1]), np.load(output)
 
 
-def installed_release(version: str) -> Path:
-    """transformers `version` and its own dependencies in a folder of their own (cached between runs)."""
-    target = INSTALL_CACHE / f"transformers-{version}"
-    if (target / "transformers").is_dir():
+def installed_release(requirement: str) -> Path:
+    """`requirement` (with its own dependencies, except timm's) in a folder of its own, cached between runs."""
+    package = requirement.split("==")[0]
+    target = INSTALL_CACHE / requirement.replace("==", "-")
+    if (target / package).is_dir():
         return target
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     completed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-conflicts", "--target", str(partial),
-         f"transformers=={version}"], capture_output=True, text=True, timeout=900,
+         *(["--no-deps"] if package == "timm" else []), requirement], capture_output=True, text=True, timeout=900,
     )
     if completed.returncode != 0:
-        message = f"could not install transformers {version}: {completed.stderr.strip()[-1500:]}"
+        message = f"could not install {requirement}: {completed.stderr.strip()[-1500:]}"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    if (partial / "torch").exists() or (partial / "timm").exists():
-        pytest.fail(f"installing transformers {version} pulled in torch or timm: the probe would not test the pins")
+    if (partial / "torch").exists() or (package != "timm" and (partial / "timm").exists()):
+        pytest.fail(f"installing {requirement} pulled in torch or timm: the probe would not test the pins")
     partial.rename(target)
     return target
 
@@ -83,13 +90,19 @@ def pinned(tmp_path_factory):
     return run_probe(tmp_path_factory.mktemp("pinned"), "pinned")
 
 
-@pytest.mark.parametrize("version", RELEASES)
-def test_same_logits_and_pipeline_under_other_transformers_releases(version, pinned, tmp_path):
+@pytest.mark.parametrize("releases", list(RELEASES))
+def test_same_logits_and_pipeline_under_other_releases(releases, pinned, tmp_path):
+    import timm
     import transformers
 
     reference, reference_logits = pinned
-    result, logits = run_probe(tmp_path, version, str(installed_release(version)))
-    assert result["version"] == version and reference["version"] == transformers.__version__
+    requirements = RELEASES[releases]
+    pythonpath = os.pathsep.join(str(installed_release(requirement)) for requirement in requirements)
+    result, logits = run_probe(tmp_path, releases.replace(" ", "_"), pythonpath)
+    expected = dict(transformers=transformers.__version__, timm=timm.__version__)
+    expected.update(requirement.split("==") for requirement in requirements)
+    assert result["versions"] == [expected["transformers"], expected["timm"]]
+    assert reference["versions"] == [transformers.__version__, timm.__version__]
     assert result["config"] == "AttentionUNetConfig" and result["pipeline"] == "AttentionUNetSegmentationPipeline"
     assert result["same_auto_classes"]
     np.testing.assert_allclose(logits, reference_logits, rtol=0, atol=1e-5)
