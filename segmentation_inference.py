@@ -1,5 +1,5 @@
 """What the scripts and the demo share to run a saved Attention U-Net: loading it safely, segmenting frames (flip TTA
-included) and videos, and drawing masks, probabilities and gate maps.
+included) and videos, drawing masks, probabilities and gate maps, and exporting to ONNX.
 
 `load_model_and_processor` is the one way the scripts load a model. A local folder loads as it is; a Hub id runs that
 repository's Python (its configuration, model and processor files), so it is refused unless the user passed
@@ -10,6 +10,7 @@ file and the tensor.
 
 import csv
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import PIL.Image
 import PIL.ImageFilter
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
@@ -32,6 +34,12 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov"}
 VIDEO_CSV_FIELDS = ("frame_index", "time_seconds", "polyp_area_fraction", "mean_probability")
+# The dynamo exporter's ONNX functions (torchlib) are written for opset 18; other opsets go through a version converter.
+DEFAULT_OPSET = 18
+# Deliberately not multiples of 32, so that the traced graph keeps the model's padding as a computation on the input
+# shape; batch 2 so that the batch dimension is not specialised as 1.
+EXAMPLE_SHAPE = (2, 3, 250, 330)
+DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
 
 
 class UntrustedRemoteCodeError(ValueError):
@@ -356,3 +364,70 @@ def heat_map(coefficients: torch.Tensor | np.ndarray, size: tuple[int, int]) -> 
     resized = F.interpolate(torch.as_tensor(coefficients)[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
     colors = matplotlib.colormaps[HEATMAP_COLORMAP](resized.clamp(0, 1).numpy())[..., :3]
     return (colors * 255).round().astype(np.uint8)
+
+
+class OnnxExportWrapper(nn.Module):
+    """`pixel_values` -> `(logits, attention_0, ..., attention_{n-1})`, the flat outputs an ONNX graph needs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model(pixel_values=pixel_values, output_attentions=True, return_dict=True)
+        return (outputs.logits, *outputs.attentions)
+
+
+def export_to_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    output: str | os.PathLike,
+    output_names: list[str],
+    opset: int = DEFAULT_OPSET,
+    dynamic_axes: dict[int, str] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Exports `module(pixel_values)` with the dynamo exporter (`torch.export`) to one self-contained ONNX file.
+
+    `dynamic_axes` maps the input's dynamic dimensions to names (default: batch, height and width); `metadata` goes
+    into the file's `metadata_props`.
+    """
+    module = module.eval()
+    dynamic_axes = DYNAMIC_AXES if dynamic_axes is None else dynamic_axes
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=output_names,
+            # Names (rather than `Dim`s) become `Dim.DYNAMIC` and name the ONNX graph's input dimensions. A tuple, as
+            # the module's own argument may have another name than `pixel_values`.
+            dynamic_shapes=(dict(dynamic_axes),),
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    for key, value in (metadata or {}).items():
+        program.model.metadata_props[key] = value
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    program.save(output, external_data=False)
+    return output
+
+
+def export_model(model, output: str | os.PathLike, opset: int = DEFAULT_OPSET, source: str | None = None) -> Path:
+    """Exports an `AttentionUNetForSemanticSegmentation` (logits and gate maps, dynamic batch, height and width)."""
+    model = model.eval().float().cpu()
+    example = torch.randn(*EXAMPLE_SHAPE[:1], model.config.num_channels, *EXAMPLE_SHAPE[2:])
+    with torch.no_grad():
+        num_gates = len(model(pixel_values=example[:1], output_attentions=True).attentions)
+    metadata = {
+        "threshold": str(model.config.threshold),
+        "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
+        "image_size": str(model.config.image_size),
+        "num_attention_maps": str(num_gates),
+        "source_model": str(source or model.config.name_or_path or ""),
+    }
+    output_names = ["logits"] + [f"attention_{i}" for i in range(num_gates)]
+    return export_to_onnx(OnnxExportWrapper(model), example, output, output_names, opset, metadata=metadata)

@@ -44,8 +44,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from export_onnx import DYNAMIC_AXES, export_model, export_to_onnx  # noqa: E402
-from segmentation_inference import check_remote_code_arguments, load_model  # noqa: E402
+from segmentation_inference import (  # noqa: E402
+    DYNAMIC_AXES, check_remote_code_arguments, export_model, export_to_onnx, load_model,
+)
 
 README_START = "<!-- performance:start -->"
 README_END = "<!-- performance:end -->"
