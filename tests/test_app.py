@@ -128,3 +128,29 @@ def test_api_returns_the_mask_predict_py_writes(app_url, tmp_path):
     assert app_mask.shape == predicted.shape and app_mask.any()
     np.testing.assert_array_equal(app_mask, predicted)
     assert len(gates) == 3 and "% of the frame" in summary  # convnext_tiny: skips at strides 16, 8 and 4
+
+
+def test_api_video_tab_segments_a_clip_and_names_a_bad_file(app_url, kvasir_root, tmp_path):
+    import csv
+
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    from test_video import CLIP_FRAMES, write_clip
+
+    client = Client(app_url, verbose=False)
+    clip = write_clip(kvasir_root, tmp_path / "clip.mp4")
+    video, table, summary = client.predict(handle_file(str(clip)), 2, 0.5, False, api_name="/segment_video")
+    with open(table, newline="") as file:
+        assert [int(row["frame_index"]) for row in csv.DictReader(file)] == list(range(0, CLIP_FRAMES, 2))
+    assert f"{CLIP_FRAMES} frames" in summary and "frames/s" in summary
+    assert Path(video["video"] if isinstance(video, dict) else video).stat().st_size > 0
+
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(clip.read_bytes()[: clip.stat().st_size // 3])
+    _, _, summary = client.predict(handle_file(str(damaged)), 1, 0.5, False, api_name="/segment_video")
+    assert "Cannot read damaged.mp4 as a video" in summary
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video")
+    with pytest.raises(AppError, match="Invalid file type.*mp4"):  # refused by the upload's own file-type check
+        client.predict(handle_file(str(text)), 1, 0.5, False, api_name="/segment_video")
+    assert client.predict(handle_file(str(EXAMPLE)), 0.5, False, api_name="/segment_frame")[3]  # still serving

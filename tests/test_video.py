@@ -32,11 +32,10 @@ def decoded_frames(path: Path) -> tuple[list[np.ndarray], Fraction, tuple[int, i
         return frames, stream.average_rate, (stream.width, stream.height)
 
 
-@pytest.fixture(scope="module")
-def clip(kvasir_root, tmp_path_factory) -> Path:
+def write_clip(kvasir_root: Path, path: Path) -> Path:
+    """`CLIP_FRAMES` Kvasir-SEG test frames as an H.264 clip at `CLIP_RATE` frames/s and `CLIP_SIZE`."""
     import av
 
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
     names = (kvasir_root / "splits" / "test.txt").read_text().split()[:CLIP_FRAMES]
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=CLIP_RATE)
@@ -49,6 +48,11 @@ def clip(kvasir_root, tmp_path_factory) -> Path:
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+@pytest.fixture(scope="module")
+def clip(kvasir_root, tmp_path_factory) -> Path:
+    return write_clip(kvasir_root, tmp_path_factory.mktemp("video") / "clip.mp4")
 
 
 @pytest.fixture(scope="module")
