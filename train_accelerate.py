@@ -26,7 +26,7 @@ import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from accelerate.utils import load as accelerate_load
 import safetensors.torch
 from safetensors.torch import load_file, save_model
@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="fp16 falls back to fp32 (with a warning) where there is no GPU.")
     training.add_argument("--seed", type=int, default=42)
     training.add_argument("--report_to", default="tensorboard", help="Accelerate trackers, or 'none'.")
+    training.add_argument("--logging_steps", type=int, default=10,
+                          help="Optimiser steps between reads of the loss on the host (progress bar, non-finite "
+                               "check); the step loop itself never waits for the device.")
 
     checkpoints = parser.add_argument_group("checkpoints")
     checkpoints.add_argument("--checkpointing_steps", default="epoch",
@@ -162,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 {"--init_from": args.init_from, "--config_name": args.config_name})
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id.")
+    if args.logging_steps < 1:
+        parser.error("--logging_steps must be at least 1.")
     if args.checkpointing_steps != "epoch" and not args.checkpointing_steps.isdigit():
         parser.error(f"--checkpointing_steps must be 'epoch' or a positive integer, got {args.checkpointing_steps!r}.")
     if args.train_crop_size is not None and args.train_crop_size > args.resolution:
@@ -374,7 +379,9 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, state: d
                     model_ema: ModelEmaV3 | None) -> None:
     """`accelerator.save_state` plus the loop's position (and the weights' moving average), into a temporary folder
     renamed when complete, so a kill or a full disk never leaves a half-written checkpoint for `latest` to pick."""
-    if not all(torch.isfinite(p).all() for p in accelerator.unwrap_model(model).parameters()):
+    # Every process checks its own (possibly sharded) parameters and all agree, so that none waits alone below.
+    finite = all(torch.isfinite(p).all() for p in accelerator.unwrap_model(model).parameters())
+    if accelerator.gather(torch.tensor([float(finite)], device=accelerator.device)).min() < 1:
         raise FloatingPointError(
             f"Non-finite weights at optimiser step {state['completed_steps']}: not saving them. The last good "
             f"checkpoint is {find_latest_checkpoint(args.output_dir)}. Lower --learning_rate or use fp32."
@@ -454,7 +461,9 @@ def evaluate(model, dataloader, accelerator: Accelerator, threshold: float) -> d
 
 def save_best_model(accelerator: Accelerator, model, processor, args, metrics: dict, run_config: dict) -> None:
     """Writes the best model into `--output_dir` so the folder is a Hub repository: every file is written to a
-    temporary folder first and moved into place with an atomic rename."""
+    temporary folder first and moved into place with an atomic rename. Every process must call it: under FSDP and
+    DeepSpeed ZeRO-3 gathering the weights takes all of them; the main process writes."""
+    state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     output_dir = Path(args.output_dir)
@@ -462,7 +471,7 @@ def save_best_model(accelerator: Accelerator, model, processor, args, metrics: d
     shutil.rmtree(staging, ignore_errors=True)
     with writing(staging, f"the previous best model in {output_dir}"):
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(staging, safe_serialization=True, state_dict=accelerator.get_state_dict(model))
+        unwrapped.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(staging)
         (staging / "README.md").write_text(render_run_card(args, metrics, run_config))
         (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
@@ -508,6 +517,26 @@ Reproduce with:
 
 Load with `AutoModel.from_pretrained(<this repo>, trust_remote_code=True)`.
 """
+
+
+def check_window_loss(loss_sum: torch.Tensor, count: int, last_logged_step: int, step: int, output_dir) -> float:
+    """The mean training loss of optimiser steps `last_logged_step + 1` to `step`, read on the host once for all of
+    them; raises `FloatingPointError` naming those steps and the last good checkpoint if it is not finite."""
+    value = loss_sum.item() / max(count, 1)
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"Non-finite training loss ({value}) between optimiser steps {last_logged_step + 1} and {step}; the last "
+            f"good checkpoint is {find_latest_checkpoint(output_dir)}. Lower --learning_rate or use fp32."
+        )
+    return value
+
+
+def parameters_are_sharded(accelerator: Accelerator) -> bool:
+    """Whether each process holds only part of the parameters (FSDP, DeepSpeed ZeRO-3)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
 
 
 def check_replicas_in_sync(model, accelerator: Accelerator) -> list[float]:
@@ -663,6 +692,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.torch_compile:
         training_model = torch.compile(model, mode=args.torch_compile_mode, backend=args.torch_compile_backend or "inductor")
     # Validated and saved in place of the raw weights; every process keeps an identical copy.
+    if args.model_ema_decay is not None and parameters_are_sharded(accelerator):
+        raise ValueError("--model_ema_decay keeps a full copy of the weights on every process, which FSDP and "
+                         "DeepSpeed ZeRO-3 shard: train without it there, or with DDP / ZeRO-1/2.")
     model_ema = None if args.model_ema_decay is None else ModelEmaV3(
         accelerator.unwrap_model(model), args.model_ema_decay, use_warmup=args.model_ema_warmup
     )
@@ -715,6 +747,8 @@ def main(argv: list[str] | None = None) -> None:
         batches = accelerator.skip_first_batches(epoch_dataloader, skipped) if skipped else epoch_dataloader
         step_in_epoch = state["step_in_epoch"]
         loss_sum, loss_count, images_seen = torch.zeros((), device=accelerator.device), 0, 0
+        window_loss_sum, window_count = torch.zeros((), device=accelerator.device), 0
+        logged_step = state["completed_steps"]
         data_seconds = model_seconds = 0.0
         tick = time.perf_counter()
         for batch in batches:
@@ -725,18 +759,13 @@ def main(argv: list[str] | None = None) -> None:
             with accelerator.accumulate(model):
                 outputs = training_model(**batch)
                 loss = outputs.loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"Non-finite training loss ({loss.item()}) at epoch {epoch}, optimiser step "
-                        f"{state['completed_steps'] + 1}; the last good checkpoint is "
-                        f"{find_latest_checkpoint(args.output_dir)}. Lower --learning_rate or use fp32."
-                    )
                 accelerator.backward(loss)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            loss_sum += loss.detach().float()
-            loss_count += 1
+            # Summed on the device: reading a loss on the host every step would stall a GPU's queue.
+            window_loss_sum += loss.detach().float()
+            window_count += 1
             images_seen += len(batch["labels"]) * accelerator.num_processes
             tick = time.perf_counter()
             model_seconds += tick - loaded
@@ -745,14 +774,26 @@ def main(argv: list[str] | None = None) -> None:
                 state["completed_steps"] += 1
                 if model_ema is not None:
                     model_ema.update(accelerator.unwrap_model(model), step=state["completed_steps"])
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_seen / (data_seconds + model_seconds):.2f}")
+                if state["completed_steps"] % args.logging_steps == 0:
+                    window = check_window_loss(window_loss_sum, window_count, logged_step, state["completed_steps"],
+                                               args.output_dir)
+                    loss_sum, loss_count = loss_sum + window_loss_sum, loss_count + window_count
+                    window_loss_sum, window_count = torch.zeros_like(window_loss_sum), 0
+                    progress.update(state["completed_steps"] - logged_step)
+                    progress.set_postfix(loss=f"{window:.4f}",
+                                         img_s=f"{images_seen / (data_seconds + model_seconds):.2f}")
+                    logged_step = state["completed_steps"]
                 if checkpoint_every and state["completed_steps"] % checkpoint_every == 0:
                     save_checkpoint(accelerator, args, {**state, "epoch": epoch, "step_in_epoch": step_in_epoch}, model,
                                     model_ema)
                 if state["completed_steps"] >= max_train_steps:
                     break
 
+        if window_count:
+            check_window_loss(window_loss_sum, window_count, logged_step, state["completed_steps"], args.output_dir)
+            loss_sum, loss_count = loss_sum + window_loss_sum, loss_count + window_count
+        progress.update(state["completed_steps"] - logged_step)
+        logged_step = state["completed_steps"]
         eval_start = time.perf_counter()
         metrics = evaluate(evaluated_model, eval_dataloader, accelerator, config.threshold)
         train_metrics = {}
@@ -791,8 +832,11 @@ def main(argv: list[str] | None = None) -> None:
             break
 
     progress.close()
-    checksums = check_replicas_in_sync(model, accelerator)
-    logger.info(f"Weights identical on all {len(checksums)} process(es): checksum {checksums[0]!r}.")
+    if parameters_are_sharded(accelerator):
+        logger.info("Parameters are sharded across processes: the replica check does not apply.")
+    else:
+        checksums = check_replicas_in_sync(model, accelerator)
+        logger.info(f"Weights identical on all {len(checksums)} process(es): checksum {checksums[0]!r}.")
     if pusher is not None:
         if not pusher.finish(f"end of training: best validation mDice {state['best_dice']:.4f}"):
             logger.warning(f"The final push failed; {args.output_dir} is complete and can be pushed again.")

@@ -88,3 +88,19 @@ def test_fit_probe_fits_a_few_real_frames_and_prints_its_figures(kvasir_root):
     assert figures["steps"] == 3 and figures["frames"] == 4 and figures["config_overrides"] == json.loads(overrides)
     assert 0 <= figures["fit_mean_dice"] <= 1 and 0 <= figures["validation_mean_dice"] <= 1
     assert figures["final_batch_loss"] > 0
+
+
+def test_tiny_training_benchmark_ends_with_its_json_summary(kvasir_root, tmp_path):
+    output_json = tmp_path / "train.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--tiny", "--dataset_name", str(kvasir_root),
+                             "--dataloader_num_workers", "1", "--output_json", str(output_json)],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == json.loads(output_json.read_text())
+    assert summary["device"] == "cpu"
+    assert summary["pipeline_frames_per_second_per_core"] > 0 and summary["train_frames_per_second"] > 0
+    assert [step["variant"] for step in summary["step_alone"]] == ["fp32", "fp32 channels-last"]
+    assert 0 < summary["step_share_of_time"] <= 1
+    assert "| input pipeline, one core |" in result.stdout

@@ -101,6 +101,18 @@ def test_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_
         assert all(np.isfinite(t.numpy()).all() for t in weights.values()), f"{checkpoint} holds non-finite weights"
 
 
+def test_non_finite_loss_is_caught_at_the_logging_interval_naming_the_steps(small_dataset, tmp_path):
+    """The step loop reads the loss on the host only every `--logging_steps`: a NaN is still caught there."""
+    completed = subprocess.run(
+        train_command(small_dataset, tmp_path / "out", "--num_train_epochs", "3", "--learning_rate", "1e30",
+                      "--warmup_ratio", "0", "--logging_steps", "2"),
+        capture_output=True, text=True,
+    )
+    assert completed.returncode != 0
+    assert "Non-finite training loss" in completed.stderr
+    assert "between optimiser steps 1 and 2" in completed.stderr and "last good checkpoint is None" in completed.stderr
+
+
 @pytest.fixture(scope="module")
 def reference_run(kvasir_root, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("reference")
