@@ -82,7 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_eval_samples", type=int, default=None)
     data.add_argument("--skip_bad_samples", action="store_true",
                       help="Leave out (and list) samples that cannot be used instead of stopping.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader_num_workers", type=int, default=None,
+                      help="DataLoader workers per process (default: 0 on a CPU, where they would compete with the "
+                           "step for the same cores; min(8, cores / processes) with a GPU, which waits for "
+                           "augmentation done in the training process).")
 
     model = parser.add_argument_group("model")
     model.add_argument("--config_name", default=None,
@@ -324,6 +327,16 @@ def training_augmentation_for(args: argparse.Namespace, crop_size: int | None):
         return training_augmentation(crop_size or args.resolution, scale=tuple(args.train_scale))
     zoom = tuple(args.train_scale_jitter) if args.train_scale_jitter is not None else None
     return training_augmentation(crop_size, zoom=zoom)
+
+
+def dataloader_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    """Workers and pinned memory for the training DataLoaders. Workers are not persistent: each epoch's must start
+    from the dataset after `set_epoch`, or they would draw the first epoch's augmentations again."""
+    on_gpu = accelerator.device.type == "cuda"
+    workers = args.dataloader_num_workers
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 1) // accelerator.num_processes)) if on_gpu else 0
+    return {"num_workers": workers, "pin_memory": on_gpu}
 
 
 def build_optimizer(model, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -650,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dataloader, train_full_frame_dataloader = (
         None if dataset is None else torch.utils.data.DataLoader(
             dataset, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-            num_workers=args.dataloader_num_workers,
+            **dataloader_settings(args, accelerator),
         )
         for dataset in (train_dataset, train_full_frame_dataset)
     )
