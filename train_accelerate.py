@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_eval_samples", type=int, default=None)
     data.add_argument("--skip_bad_samples", action="store_true",
                       help="Leave out (and list) samples that cannot be used instead of stopping.")
+    data.add_argument("--augment_on_device", action=argparse.BooleanOptionalAction, default=None,
+                      help="Augment each batch on the training device (the same draws per sample) instead of in the "
+                           "DataLoader (default: on with a GPU, off on a CPU, where the workers' path is as fast).")
     data.add_argument("--dataloader_num_workers", type=int, default=None,
                       help="DataLoader workers per process (default: 0 on a CPU, where they would compete with the "
                            "step for the same cores; min(8, cores / processes) with a GPU, which waits for "
@@ -284,7 +287,7 @@ def load_encoder_weights(model, weights_file: Path) -> None:
                          f"{model.config.encoder_name!r}: {error}") from error
 
 
-def build_datasets(args: argparse.Namespace, processor):
+def build_datasets(args: argparse.Namespace, processor, augment_on_device: bool = False):
     splits, problems = load_splits(args.dataset_name, args.image_column_name, args.label_column_name)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
     decoded = {}
@@ -304,12 +307,12 @@ def build_datasets(args: argparse.Namespace, processor):
             raise DataError(f"The {split} split of {args.dataset_name} has no usable sample.")
     mean, std = processor.image_mean, processor.image_std
     train = PolypSegmentationDataset(*decoded["train"], mean, std, training_augmentation_for(args, args.train_crop_size),
-                                     args.seed)
+                                     args.seed, augment_on_access=not augment_on_device)
     # Same samples and seed, so the full-frame epochs draw their flips, rotations and colours as the cropped ones do.
     train_full_frame = None
     if args.final_full_frame_epochs:
         train_full_frame = PolypSegmentationDataset(*decoded["train"], mean, std, training_augmentation_for(args, None),
-                                                    args.seed)
+                                                    args.seed, augment_on_access=not augment_on_device)
     validation = PolypSegmentationDataset(*decoded["validation"], mean, std)
     train_eval = None
     if args.train_eval_samples:
@@ -659,7 +662,12 @@ def main(argv: list[str] | None = None) -> None:
 
     config, processor = load_config_and_processor(args)
     model = build_model(config, args)
-    train_dataset, train_full_frame_dataset, eval_dataset, train_eval_dataset = build_datasets(args, processor)
+    augment_on_device = args.augment_on_device
+    if augment_on_device is None:
+        augment_on_device = accelerator.device.type == "cuda"
+    train_dataset, train_full_frame_dataset, eval_dataset, train_eval_dataset = build_datasets(
+        args, processor, augment_on_device
+    )
     train_dataloader, train_full_frame_dataloader = (
         None if dataset is None else torch.utils.data.DataLoader(
             dataset, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
@@ -765,6 +773,8 @@ def main(argv: list[str] | None = None) -> None:
         data_seconds = model_seconds = 0.0
         tick = time.perf_counter()
         for batch in batches:
+            if not epoch_dataset.augment_on_access:
+                batch = epoch_dataset.prepare_batch(batch, accelerator.device)
             loaded = time.perf_counter()
             data_seconds += loaded - tick
             if args.channels_last:

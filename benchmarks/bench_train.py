@@ -2,8 +2,9 @@
 """Training throughput, split into its two halves, on whatever device is present:
 
 - the input pipeline alone: decoded Kvasir-SEG frames through the training augmentation (train_accelerate.py's, 160
-  crops with zoom jitter by default), in the main process (frames/s per core) and through a DataLoader with the
-  default workers (min(8, cores));
+  crops with zoom jitter by default), in the main process (frames/s per core), through a DataLoader with the
+  default workers (min(8, cores)), and on the training device (`--augment_on_device`: the same draws, the warps
+  run by the device);
 - the training step alone (forward, loss, backward, AdamW) on a fixed batch already on the device: fp32 and
   channels-last, and on CUDA also fp16 and bf16 autocast, each optionally with `torch.compile`;
 - the two together: the DataLoader feeding the step, with the step's share of the time.
@@ -62,14 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_dataset(args) -> PolypSegmentationDataset:
+def build_dataset(args, augment_on_access: bool = True) -> PolypSegmentationDataset:
     splits, _ = load_local_splits(args.dataset_name)
     names, images, masks, bad = decode_samples(splits["train"][: args.frames], args.resolution)
     if bad:
         raise SystemExit(f"unusable frames: {bad}")
     augmentation = training_augmentation(args.train_crop_size or None, zoom=(0.75, 1.33))
     return PolypSegmentationDataset(names, images, masks, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                                    augmentation, 0)
+                                    augmentation, 0, augment_on_access)
 
 
 def pipeline_alone(dataset, args) -> dict:
@@ -94,7 +95,24 @@ def pipeline_alone(dataset, args) -> dict:
             seen += len(batch["labels"])
     workers = seen / (time.perf_counter() - start) if seen else float("nan")
     return {"pipeline_frames_per_second_per_core": per_core, "pipeline_frames_per_second": workers,
-            "pipeline_workers": args.dataloader_num_workers}
+            "pipeline_workers": args.dataloader_num_workers,
+            "pipeline_frames_per_second_on_device": on_device(args)}
+
+
+def on_device(args) -> float:
+    """Frames/s of `prepare_batch` on the training device, from raw batches already there."""
+    raw = build_dataset(args, augment_on_access=False)
+    batches = [torch.utils.data.default_collate([raw[(start + i) % len(raw)]
+                                                for i in range(args.per_device_train_batch_size)])
+               for start in range(0, 3 * args.per_device_train_batch_size, args.per_device_train_batch_size)]
+    batches = [{key: value.to(args.device) for key, value in batch.items()} for batch in batches]
+    raw.prepare_batch(batches[0], args.device)
+    synchronize(args.device)
+    start = time.perf_counter()
+    for batch in batches:
+        raw.prepare_batch(batch, args.device)
+    synchronize(args.device)
+    return len(batches) * args.per_device_train_batch_size / (time.perf_counter() - start)
 
 
 def build_model(args):
@@ -216,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("| part | frames/s |\n|---|---|")
     print(f"| input pipeline, one core | {pipeline['pipeline_frames_per_second_per_core']:.1f} |")
     print(f"| input pipeline, {args.dataloader_num_workers} workers | {pipeline['pipeline_frames_per_second']:.1f} |")
+    print(f"| input pipeline on {args.device} (--augment_on_device) | "
+          f"{pipeline['pipeline_frames_per_second_on_device']:.1f} |")
     for step in steps:
         print(f"| training step alone, {step['variant']} | {step['frames_per_second']:.1f} |")
     print(f"| pipeline + step ({combined['train_variant']}) | {combined['train_frames_per_second']:.1f} "

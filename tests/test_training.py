@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_OVERRIDES, make_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from segmentation_data import (
@@ -160,6 +162,29 @@ def test_augmentation_is_reproducible_per_seed_epoch_and_index():
     assert torch.equal(dataset[0]["pixel_values"], first)
     dataset.set_epoch(1)
     assert not torch.equal(dataset[0]["pixel_values"], first)
+
+
+@settings(max_examples=20, deadline=None)
+@given(height=st.integers(24, 90), width=st.integers(24, 90), batch=st.integers(1, 4), seed=st.integers(0, 10**6),
+       epoch=st.integers(0, 50), crop=st.sampled_from([None, 16, 24]))
+def test_augmenting_batches_on_the_device_draws_what_the_workers_draw(height, width, batch, seed, epoch, crop):
+    """`prepare_batch` (the training device's path) gives exactly the items `__getitem__` (the DataLoader workers')
+    gives, for any sizes and draws, and so keeps masks aligned wherever the workers' path does."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator) for _ in range(batch)]
+    masks = [torch.rand(height, width, generator=generator) > 0.6 for _ in range(batch)]
+    augmentation = training_augmentation(crop, zoom=(0.75, 1.33))
+    arguments = ([str(i) for i in range(batch)], images, masks, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), augmentation, seed)
+    on_access, on_device = PolypSegmentationDataset(*arguments), PolypSegmentationDataset(*arguments, False)
+    for dataset in (on_access, on_device):
+        dataset.set_epoch(epoch)
+    raw = torch.utils.data.default_collate([on_device[i] for i in range(batch)])
+    assert raw["image"].dtype == torch.uint8 and "pixel_values" not in raw
+    augmented = on_device.prepare_batch(raw, "cpu")
+    for index in range(batch):
+        expected = on_access[index]
+        assert torch.equal(augmented["pixel_values"][index], expected["pixel_values"])
+        assert torch.equal(augmented["labels"][index], expected["labels"])
 
 
 @pytest.mark.parametrize(
@@ -375,6 +400,17 @@ def fast_path_run(kvasir_root, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("fast_path")
     run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--channels_last", "--torch_compile")
     return output_dir
+
+
+def test_augmenting_on_the_device_trains_and_resumes_like_the_workers(uninterrupted_run_with_step_checkpoints,
+                                                                        kvasir_root, tmp_path):
+    run_training(tmp_path / "full", kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "3",
+                 "--augment_on_device")
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(uninterrupted_run_with_step_checkpoints))
+    run_training(tmp_path / "resumed", kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "3",
+                 "--augment_on_device", "--resume_from_checkpoint",
+                 str(tmp_path / "full" / "checkpoints" / "checkpoint-6"))
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "full"))
 
 
 def test_channels_last_and_compile_train_like_eager(fast_path_run, uninterrupted_run):
