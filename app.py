@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--server_name", default=None,
                         help="Address to listen on (default: Gradio's, 127.0.0.1, or $GRADIO_SERVER_NAME on a Space).")
-    parser.add_argument("--server_port", type=int, default=None, help="Port (default: Gradio's, 7860 or the next free).")
+    parser.add_argument("--server_port", type=int, default=None,
+                        help="Port (default: Gradio's, 7860 or the next free one).")
     args = parser.parse_args(argv)
     check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
     return args

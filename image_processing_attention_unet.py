@@ -240,4 +240,6 @@ def _as_list(images) -> list:
     return [images]
 
 
-__all__ = ["AttentionUNetImageProcessor", "AttentionUNetSegmentationPipeline", "binarize_mask", "resize_mask", "to_rgb_uint8"]
+__all__ = [
+    "AttentionUNetImageProcessor", "AttentionUNetSegmentationPipeline", "binarize_mask", "resize_mask", "to_rgb_uint8",
+]

@@ -225,7 +225,8 @@ class AttentionUNetPreTrainedModel(PreTrainedModel):
                 f"{pretrained_model_name_or_path}: the weights do not match the model its config builds: "
                 + "; ".join(problems) + "."
             )
-        mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry for entry in loading_info["mismatched_keys"]]
+        mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry  # (name, shapes) tuples in some releases
+                      for entry in loading_info["mismatched_keys"]]
         model._reset_recreated_encoder_tensors(mismatched)
         return (model, loading_info) if output_loading_info else model
 

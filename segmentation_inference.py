@@ -108,7 +108,7 @@ def resolve_weight_files(name_or_path: str | Path, revision: str | None = None) 
     return [cached_file(str(name_or_path), shard, revision=revision) for shard in shards]
 
 
-def check_checkpoint_files(checkpoint_files: list[str], model: torch.nn.Module, ignore_mismatched_sizes: bool = False) -> None:
+def check_checkpoint_files(checkpoint_files: list[str], model: nn.Module, ignore_mismatched_sizes: bool = False) -> None:
     """Raises a `ValueError` naming the file (and the tensor) unless `checkpoint_files` are readable safetensors files
     holding exactly the tensors of `model`'s state dict, each with the shape the model's config gives it."""
     expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
@@ -361,7 +361,8 @@ def heat_map(coefficients: torch.Tensor | np.ndarray, size: tuple[int, int]) -> 
     `(H, W, 3)` uint8 heat map on a fixed [0, 1] scale."""
     import matplotlib
 
-    resized = F.interpolate(torch.as_tensor(coefficients)[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    coefficients = torch.as_tensor(coefficients)[None].float()
+    resized = F.interpolate(coefficients, size=size, mode="bilinear", align_corners=False)[0, 0]
     colors = matplotlib.colormaps[HEATMAP_COLORMAP](resized.clamp(0, 1).numpy())[..., :3]
     return (colors * 255).round().astype(np.uint8)
 

@@ -187,6 +187,38 @@ def test_augmenting_batches_on_the_device_draws_what_the_workers_draw(height, wi
         assert torch.equal(augmented["labels"][index], expected["labels"])
 
 
+@settings(max_examples=15, deadline=None)
+@given(height=st.integers(32, 96), width=st.integers(32, 96), seed=st.integers(0, 10**6),
+       crop=st.sampled_from([None, 24]), boxes=st.lists(st.tuples(st.floats(0, 0.6), st.floats(0, 0.6),
+                                                                   st.floats(0.25, 0.4), st.floats(0.25, 0.4)),
+                                                         min_size=1, max_size=3))
+def test_augmenting_on_the_device_keeps_masks_aligned_for_any_shape(height, width, seed, crop, boxes):
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    for top, left, box_height, box_width in boxes:
+        rows = slice(int(top * height), int((top + box_height) * height))
+        mask[rows, int(left * width):int((left + box_width) * width)] = True
+    image = torch.where(mask, 230, 20).to(torch.uint8).expand(3, -1, -1).clone()
+    dataset = PolypSegmentationDataset(["drawn"], [image], [mask], (0, 0, 0), (1, 1, 1),
+                                       training_augmentation(crop, zoom=(0.75, 1.33)), seed, augment_on_access=False)
+    item = dataset.prepare_batch(torch.utils.data.default_collate([dataset[0]]), "cpu")
+    drawn, labels = item["pixel_values"][0].mean(0) > 0.5, item["labels"][0].bool()
+    if labels.sum() > 20:  # a crop may show next to nothing; what it shows must agree
+        assert (drawn & labels).sum() / (drawn | labels).sum() > 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augmenting_on_cuda_draws_what_the_cpu_draws():
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 80, 96), dtype=torch.uint8, generator=generator) for _ in range(4)]
+    masks = [torch.rand(80, 96, generator=generator) > 0.6 for _ in range(4)]
+    dataset = PolypSegmentationDataset(list("abcd"), images, masks, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2),
+                                       training_augmentation(64, zoom=(0.75, 1.33)), 5, augment_on_access=False)
+    raw = torch.utils.data.default_collate([dataset[i] for i in range(4)])
+    on_cpu, on_cuda = dataset.prepare_batch(raw, "cpu"), dataset.prepare_batch(raw, "cuda")
+    torch.testing.assert_close(on_cuda["pixel_values"].cpu(), on_cpu["pixel_values"], atol=0.05, rtol=0)
+    assert (on_cuda["labels"].cpu() != on_cpu["labels"]).float().mean() < 0.01
+
+
 @pytest.mark.parametrize(
     "encoding",
     ["zero_one", "zero_255", "rgb", "jpeg_noise"],
