@@ -21,6 +21,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: left out of `make test` outside CI (other transformers releases, the browser, video, the "
+        "shipped model's flip-TTA evaluation); CI and `make test-all` run them"
+    )
+
+
 @pytest.fixture(scope="session")
 def kvasir_root() -> Path:
     if not (KVASIR_SEG_DIR / "images").is_dir():

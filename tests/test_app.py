@@ -18,6 +18,8 @@ import PIL.Image
 import pytest
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow
+
 EXAMPLE = sorted((REPO_ROOT / "examples").glob("*.jpg"))[0]
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow
+
 RELEASES = {
     "transformers 4.57.6": ["transformers==4.57.6"],
     "transformers 5.0.0": ["transformers==5.0.0"],

@@ -67,6 +67,7 @@ def test_card_table_matches_evaluate_output_for_the_shipped_weights(fresh_test_e
     assert card_model_index_mean_dice() == pytest.approx(fresh_test_evaluation["metrics"]["mean_dice"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_card_flip_tta_table_matches_evaluate_output(shipped_weights, kvasir_root, tmp_path):
     if not (REPO_ROOT / "eval" / "test_tta.json").is_file():
         pytest.skip("the card has no flip-TTA figures (eval/test_tta.json)")

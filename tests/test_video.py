@@ -14,6 +14,8 @@ import PIL.Image
 import pytest
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow
+
 CLIP_FRAMES, CLIP_RATE, CLIP_SIZE = 6, Fraction(5), (160, 128)  # (width, height)
 
 
