@@ -158,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              help="Start the schedule (learning rate, data order) at this epoch, as if the epochs "
                                   "before it had run: continues a run whose checkpoints are lost from its saved "
                                   "weights (--init_from); the optimiser's moments start afresh.")
+    checkpoints.add_argument("--snapshot_dir", default=None,
+                             help="After every epoch, also write the validated weights (the moving average's, with "
+                                  "--model_ema_decay) in fp16, the run's logs and its place in the schedule to this "
+                                  "folder: a resume point small enough to commit. --resume_from_checkpoint latest "
+                                  "continues from it where --output_dir has no checkpoint (a new machine), at the "
+                                  "same point of the schedule, the optimiser's moments afresh.")
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true")
@@ -254,7 +260,9 @@ def load_config_and_processor(args: argparse.Namespace):
 
 def build_model(config, args: argparse.Namespace):
     if args.init_from:
-        model = load_model(args.init_from, trust_remote_code=args.trust_remote_code, config=config, flag="--init_from")
+        # fp32 master weights whatever the saved dtype (a snapshot is fp16); autocast gives the mixed precision.
+        model = load_model(args.init_from, trust_remote_code=args.trust_remote_code, config=config, flag="--init_from",
+                           dtype=torch.float32)
     else:
         model = AutoModel.from_config(config, trust_remote_code=True)
     if args.init_encoder_from:
@@ -474,25 +482,66 @@ def evaluate(model, dataloader, accelerator: Accelerator, threshold: float) -> d
     return summary
 
 
-def save_best_model(accelerator: Accelerator, model, processor, args, metrics: dict, run_config: dict) -> None:
-    """Writes the best model into `--output_dir` so the folder is a Hub repository: every file is written to a
-    temporary folder first and moved into place with an atomic rename. Every process must call it: under FSDP and
-    DeepSpeed ZeRO-3 gathering the weights takes all of them; the main process writes."""
+def save_model_folder(accelerator: Accelerator, model, processor, folder: Path, what: str,
+                      extra_files: dict[str, str], dtype: torch.dtype | None = None) -> None:
+    """Writes `model` (in `dtype`, if given), `processor` and `extra_files` (name -> text) into `folder`, a loadable
+    Hub repository: every file goes to a temporary folder first and is moved into place with an atomic rename, the
+    weights last. Every process must call it: under FSDP and DeepSpeed ZeRO-3 gathering the weights takes all of
+    them; the main process writes."""
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
-    output_dir = Path(args.output_dir)
-    staging = output_dir / ".best_model.partial"
+    if dtype is not None:
+        state_dict = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".{what.replace(' ', '_')}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    with writing(staging, f"the previous best model in {output_dir}"):
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+    with writing(staging, f"the previous {what} in {folder}"):
+        accelerator.unwrap_model(model).save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(staging)
-        (staging / "README.md").write_text(render_run_card(args, metrics, run_config))
-        (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        for name, text in extra_files.items():
+            (staging / name).write_text(text)
     for path in sorted(staging.iterdir(), key=lambda p: p.name == "model.safetensors"):
-        os.replace(path, output_dir / path.name)
+        os.replace(path, folder / path.name)
     staging.rmdir()
+
+
+def save_best_model(accelerator: Accelerator, model, processor, args, metrics: dict, run_config: dict) -> None:
+    """The best model so far, into `--output_dir`, which is then a Hub repository."""
+    save_model_folder(accelerator, model, processor, Path(args.output_dir), "best model", {
+        "README.md": render_run_card(args, metrics, run_config), "eval_results.json": json.dumps(metrics, indent=2),
+    })
+
+
+def save_snapshot(accelerator: Accelerator, model, processor, args, state: dict) -> None:
+    """The validated weights in fp16, the run's logs and `state` (its place in the schedule), into `--snapshot_dir`."""
+    logs = {name: (Path(args.output_dir) / name).read_text() if accelerator.is_main_process else ""
+            for name in (METRICS_FILE, INVOCATIONS_FILE)}
+    save_model_folder(accelerator, model, processor, Path(args.snapshot_dir), "snapshot",
+                      {**logs, TRAINING_STATE_FILE: json.dumps(state, indent=2)}, dtype=torch.float16)
+
+
+def continue_from_snapshot(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Where `--resume_from_checkpoint latest` finds no checkpoint in `--output_dir` but `--snapshot_dir` holds one,
+    the run goes on from the snapshot's weights at its epoch (as `--init_from` with `--start_epoch` would), with its
+    logs carried over so that `metrics.jsonl` keeps the whole run."""
+    snapshot = Path(args.snapshot_dir or "")
+    if (args.resume_from_checkpoint != "latest" or not args.snapshot_dir or find_latest_checkpoint(args.output_dir)
+            or not (snapshot / TRAINING_STATE_FILE).is_file()):
+        return
+    state = json.loads((snapshot / TRAINING_STATE_FILE).read_text())
+    if state["step_in_epoch"] != 0:
+        raise ValueError(f"{snapshot / TRAINING_STATE_FILE}: a snapshot is taken between epochs, this one is not.")
+    args.init_from, args.init_encoder_from = str(snapshot), None
+    args.resume_from_checkpoint, args.start_epoch = None, state["epoch"]
+    if accelerator.is_main_process:
+        for name in (METRICS_FILE, INVOCATIONS_FILE):
+            if not (Path(args.output_dir) / name).exists():
+                shutil.copyfile(snapshot / name, Path(args.output_dir) / name)
+    accelerator.wait_for_everyone()
+    logger.warning(f"No checkpoint in {args.output_dir}/checkpoints: continuing from the snapshot in {snapshot} at "
+                   f"epoch {state['epoch']} (step {state['completed_steps']}); the optimiser's moments start afresh.",
+                   main_process_only=True)
 
 
 def render_run_card(args: argparse.Namespace, metrics: dict, run_config: dict) -> str:
@@ -658,6 +707,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
     if accelerator.is_main_process:
         Path(args.output_dir, "checkpoints").mkdir(parents=True, exist_ok=True)
+    continue_from_snapshot(args, accelerator)
 
     config, processor = load_config_and_processor(args)
     model = build_model(config, args)
@@ -848,6 +898,8 @@ def main(argv: list[str] | None = None) -> None:
                             run_config)
         if args.checkpointing_steps == "epoch" or state["completed_steps"] >= max_train_steps:
             save_checkpoint(accelerator, args, state, model, model_ema)
+        if args.snapshot_dir:
+            save_snapshot(accelerator, evaluated_model, processor, args, state)
         if pusher is not None and improved:
             pusher.push(f"epoch {epoch + 1}: validation mDice {metrics['mean_dice']:.4f}")
         if state["completed_steps"] >= max_train_steps:

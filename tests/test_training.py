@@ -363,7 +363,7 @@ def test_resume_mid_epoch_ends_with_the_same_weights(uninterrupted_run_with_step
 def model_ema_run(kvasir_root, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("model_ema")
     run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "epoch",
-                 "--model_ema_decay", "0.9")
+                 "--model_ema_decay", "0.9", "--snapshot_dir", str(output_dir / "snapshot"))
     return output_dir
 
 
@@ -395,6 +395,43 @@ def test_resuming_a_run_without_model_ema_into_one_with_it_is_refused(uninterrup
     with pytest.raises(AssertionError, match="has no model_ema.safetensors"):
         run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--model_ema_decay", "0.9",
                      "--resume_from_checkpoint", str(checkpoint))
+
+
+def test_snapshot_holds_the_validated_weights_in_fp16_and_the_runs_place(model_ema_run):
+    snapshot = model_ema_run / "snapshot"
+    average = load_file(model_ema_run / "checkpoints" / "checkpoint-8" / "model_ema.safetensors")
+    saved = load_file(snapshot / "model.safetensors")
+    assert saved.keys() == average.keys()
+    for name, tensor in average.items():
+        assert torch.equal(saved[name], tensor.half() if tensor.is_floating_point() else tensor), name
+    state = json.loads((snapshot / "training_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["completed_steps"]) == (2, 0, 8)
+    for log in ("metrics.jsonl", "invocations.jsonl"):
+        assert (snapshot / log).read_text() == (model_ema_run / log).read_text()
+    assert not list(snapshot.glob(".*partial"))
+
+
+def test_latest_continues_from_the_snapshot_where_the_checkpoints_are_gone(model_ema_run, kvasir_root, tmp_path):
+    """A new machine: the committed snapshot, no checkpoints. The run goes on at the snapshot's epoch with fp32
+    weights, one schedule over the whole run, and the whole run's logs."""
+    from transformers import get_scheduler
+
+    snapshot = shutil.copytree(model_ema_run / "snapshot", tmp_path / "snapshot")
+    completed = run_training(tmp_path / "run", kvasir_root, "--num_train_epochs", "4", "--model_ema_decay", "0.9",
+                             "--resume_from_checkpoint", "latest", "--snapshot_dir", str(snapshot))
+    assert f"continuing from the snapshot in {snapshot} at epoch 2 (step 8)" in completed.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 4), (2, 8), (3, 12), (4, 16)]
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=round(0.05 * 16), num_training_steps=16)
+    for _ in range(12):
+        optimizer.step()
+        schedule.step()
+    assert records[2]["learning_rate"] == pytest.approx(schedule.get_last_lr()[0], rel=1e-9)
+    assert all(t.dtype == torch.float32 for t in final_weights(tmp_path / "run").values() if t.is_floating_point())
+    assert json.loads((snapshot / "training_state.json").read_text())["epoch"] == 4
+    assert (snapshot / "metrics.jsonl").read_text() == (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert len((snapshot / "invocations.jsonl").read_text().splitlines()) == 2
 
 
 def test_two_processes_end_with_identical_weights(kvasir_root, tmp_path):
