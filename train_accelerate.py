@@ -465,11 +465,14 @@ def load_checkpoint(
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator: Accelerator, threshold: float) -> dict[str, float]:
+def evaluate(model, dataloader, accelerator: Accelerator, threshold: float,
+             channels_last: bool = False) -> dict[str, float]:
     was_training = model.training
     model.eval()
     counts, losses, weights = [], [], []
     for batch in dataloader:
+        if channels_last:
+            batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
         outputs = model(**batch)
         predictions = outputs.logits.float().sigmoid() > threshold
         counts.append(accelerator.gather_for_metrics(confusion_counts(predictions, batch["labels"][:, None])))
@@ -867,10 +870,11 @@ def main(argv: list[str] | None = None) -> None:
         progress.update(state["completed_steps"] - logged_step)
         logged_step = state["completed_steps"]
         eval_start = time.perf_counter()
-        metrics = evaluate(evaluated_model, eval_dataloader, accelerator, config.threshold)
+        metrics = evaluate(evaluated_model, eval_dataloader, accelerator, config.threshold, args.channels_last)
         train_metrics = {}
         if train_eval_dataloader is not None:
-            train_metrics = evaluate(evaluated_model, train_eval_dataloader, accelerator, config.threshold)
+            train_metrics = evaluate(evaluated_model, train_eval_dataloader, accelerator, config.threshold,
+                                     args.channels_last)
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
         record = {
             "epoch": epoch + 1, "step": state["completed_steps"], "train_loss": train_loss,
