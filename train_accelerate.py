@@ -746,7 +746,8 @@ def main(argv: list[str] | None = None) -> None:
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     if args.start_epoch >= num_train_epochs:
-        raise ValueError(f"--start_epoch {args.start_epoch} is past the schedule's last epoch ({num_train_epochs}).")
+        raise ValueError(f"Epoch {args.start_epoch} to start from (--start_epoch, or the snapshot's in --snapshot_dir) "
+                         f"is past the schedule's last epoch ({num_train_epochs}): the run has ended.")
     with warnings.catch_warnings():
         # Stepping the schedule before the optimiser is the point here; torch warns that it looks like a mistake.
         warnings.simplefilter("ignore", UserWarning)

@@ -434,6 +434,12 @@ def test_latest_continues_from_the_snapshot_where_the_checkpoints_are_gone(model
     assert len((snapshot / "invocations.jsonl").read_text().splitlines()) == 2
 
 
+def test_continuing_from_the_snapshot_of_an_ended_run_says_so(model_ema_run, kvasir_root, tmp_path):
+    with pytest.raises(AssertionError, match="Epoch 2 to start from .* the run has ended"):
+        run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--resume_from_checkpoint", "latest",
+                     "--snapshot_dir", str(model_ema_run / "snapshot"))
+
+
 def test_two_processes_end_with_identical_weights(kvasir_root, tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
