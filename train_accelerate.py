@@ -198,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.start_epoch < 0 or (args.start_epoch and args.resume_from_checkpoint):
         parser.error(f"--start_epoch must be >= 0 and cannot be combined with --resume_from_checkpoint (a checkpoint "
                      f"knows its own position), got {args.start_epoch}.")
+    if args.snapshot_dir and Path(args.snapshot_dir).resolve() == Path(args.output_dir).resolve():
+        parser.error("--snapshot_dir must be another folder than --output_dir, whose best model it would overwrite.")
     if args.model_ema_decay is not None and not 0 < args.model_ema_decay < 1:
         parser.error(f"--model_ema_decay must lie in (0, 1), got {args.model_ema_decay}.")
     return args

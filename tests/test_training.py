@@ -125,13 +125,14 @@ def test_zoom_jitter_both_shrinks_and_enlarges_objects():
         (["--final_full_frame_epochs", "-1", "--train_crop_size", "64"], "--final_full_frame_epochs must be >= 0"),
         (["--train_eval_samples", "-5"], "--train_eval_samples must be >= 0"),
         (["--start_epoch", "2", "--resume_from_checkpoint", "latest"], "cannot be combined with --resume_from"),
+        (["--snapshot_dir", "{output_dir}"], "--snapshot_dir must be another folder than --output_dir"),
     ],
 )
 def test_bad_recipe_flags_are_refused_by_name(flags, message, tmp_path, capsys):
     import train_accelerate
 
     with pytest.raises(SystemExit):
-        train_accelerate.parse_args(["--output_dir", str(tmp_path), *flags])
+        train_accelerate.parse_args(["--output_dir", str(tmp_path), *(f.format(output_dir=tmp_path) for f in flags)])
     assert message in capsys.readouterr().err
 
 
