@@ -73,6 +73,13 @@ def build_dataset(args, augment_on_access: bool = True) -> PolypSegmentationData
                                     augmentation, 0, augment_on_access)
 
 
+def build_loader(dataset, args) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
+                                       drop_last=True, num_workers=args.dataloader_num_workers,
+                                       pin_memory=args.device.startswith("cuda"),
+                                       persistent_workers=args.dataloader_num_workers > 0)
+
+
 def pipeline_alone(dataset, args) -> dict:
     """Frames/s of the augmentation in this process (one core) and through a DataLoader with workers."""
     torch.set_num_threads(1)
@@ -82,10 +89,7 @@ def pipeline_alone(dataset, args) -> dict:
         dataset[index % len(dataset)]
     per_core = count / (time.perf_counter() - start)
     torch.set_num_threads(os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
-                                         drop_last=True, num_workers=args.dataloader_num_workers,
-                                         pin_memory=args.device.startswith("cuda"),
-                                         persistent_workers=args.dataloader_num_workers > 0)
+    loader = build_loader(dataset, args)
     seen, start = 0, None
     for epoch in range(3):
         for batch in loader:
@@ -192,10 +196,7 @@ def together(dataset, args, best: dict) -> dict:
     if variant["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     step = make_step(model, variant, args.device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_train_batch_size, shuffle=True,
-                                         drop_last=True, num_workers=args.dataloader_num_workers,
-                                         pin_memory=args.device.startswith("cuda"),
-                                         persistent_workers=args.dataloader_num_workers > 0)
+    loader = build_loader(dataset, args)
     done, seen, start = 0, 0, None
     while done < args.warmup_steps + args.steps:
         for batch in loader:
