@@ -40,7 +40,8 @@ test-all: install
 	$(BIN)/python -m pytest tests -q
 
 # One cosine schedule over 250 epochs: 160x160 crops of 256x256 frames with zoom jitter, the
-# last 12 epochs on whole frames; the new decoder on the encoder of the weights at the root; EMA of the weights.
+# last 12 epochs on whole frames; the new decoder on the encoder of the weights at the root; EMA of the weights;
+# float32 matrix products through oneDNN (README: Training speed).
 # Resumes from the newest checkpoint in TRAIN_OUTPUT_DIR, else from TRAIN_SNAPSHOT_DIR (fp16 EMA weights, rewritten
 # after every epoch) at its epoch, else starts.
 train-cpu: install
@@ -50,6 +51,7 @@ train-cpu: install
 	  --init_encoder_from . \
 	  --resolution 256 --train_crop_size 160 --train_scale_jitter 0.75 1.33 --final_full_frame_epochs 12 \
 	  --num_train_epochs 250 --per_device_train_batch_size 16 --learning_rate 1e-3 --weight_decay 0.05 \
-	  --warmup_ratio 0.02 --model_ema_decay 0.999 --model_ema_warmup --channels_last --seed 60 \
+	  --warmup_ratio 0.02 --model_ema_decay 0.999 --model_ema_warmup --channels_last --float32_matmul_precision medium \
+	  --seed 60 \
 	  --checkpointing_steps epoch --save_total_limit 2 --report_to tensorboard \
 	  --resume_from_checkpoint latest --snapshot_dir $(TRAIN_SNAPSHOT_DIR)

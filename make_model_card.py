@@ -9,7 +9,8 @@
 Reads `eval/*.json` (written by evaluate.py for the weights at the root; `test_tta.json` is optional) and
 `training/<stage>/` (each training stage's `metrics.jsonl` and `invocations.jsonl`, copied from its --output_dir), and
 rewrites: the `model-index` in the card's metadata, the status, results and CPU-recipe sections,
-`assets/training_curves.png` and `assets/test_predictions.png`. Nothing in those parts is typed by hand.
+`assets/training_curves.png` and `assets/test_predictions.png`; and, from `benchmarks/fit_probe.jsonl` and
+`benchmarks/train_cpu.json`, the fit-probe and training-speed tables. Nothing in those parts is typed by hand.
 """
 
 import argparse
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Test frames in the prediction figure, from the worst Dice to the best.")
     parser.add_argument("--fit_probe_results", default=str(REPO_ROOT / "benchmarks" / "fit_probe.jsonl"),
                         help="Results of benchmarks/fit_probe.py --output_jsonl, for the card's fit-probe table.")
+    parser.add_argument("--training_speed_results", default=str(REPO_ROOT / "benchmarks" / "train_cpu.json"),
+                        help="Results of benchmarks/bench_train.py --output_json, for the card's training-speed table.")
     return parser.parse_args(argv)
 
 
@@ -276,6 +279,22 @@ def plot_test_predictions(dataset_name: str, num_examples: int, path: Path) -> N
     plt.close(fig)
 
 
+def render_training_speed(result: dict) -> str:
+    steps = result["step_alone"]
+    baseline = steps[0]["frames_per_second"]
+    lines = [f"| training step alone (batch {result['batch_size']}, {result['crop']}x{result['crop']} crops) | "
+             f"frames/s | x {steps[0]['variant']} |", "|---|---:|---:|"]
+    lines += [f"| {s['variant']} | {s['frames_per_second']:.2f} | {s['frames_per_second'] / baseline:.2f} |" for s in steps]
+    lines += ["", "| float32 matrix product | matmul precision | GFLOP/s | relative error |", "|---|---|---:|---:|"]
+    lines += [f"| {'x'.join(map(str, p['shape']))} | {p['float32_matmul_precision']} | {p['gflop_per_second']:.0f} | "
+              f"{p['relative_error']:.1e} |" for p in result["matrix_products"]]
+    return "\n".join(lines) + (
+        f"\n\nThe input pipeline alone: {result['pipeline_frames_per_second_per_core']:.0f} frames/s on one core; with "
+        f"the DataLoader feeding the step ({result['train_variant']}): {result['train_frames_per_second']:.2f} frames/s. "
+        f"{result['device_name']} ({result['device']}, {result['cores']} cores), torch {result['torch']}; "
+        f"measured with `{result['command']}`.")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     eval_dir, readme = Path(args.eval_dir), Path(args.readme)
@@ -305,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     fit_probe_results = Path(args.fit_probe_results)
     if fit_probe_results.is_file():
         text = replace_block(text, "fit-probe", render_fit_probe(load_jsonl(fit_probe_results)))
+    training_speed_results = Path(args.training_speed_results)
+    if training_speed_results.is_file():
+        text = replace_block(text, "training-speed", render_training_speed(json.loads(training_speed_results.read_text())))
     readme.write_text(text)
     print(f"Updated {readme} and {assets}/.")
 

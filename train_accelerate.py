@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
@@ -44,6 +45,7 @@ from segmentation_data import (
 )
 from segmentation_inference import check_remote_code_arguments, load_model
 from segmentation_metrics import confusion_counts, format_table, summarize
+from segmentation_training import build_optimizer
 
 logger = get_logger(__name__)
 
@@ -119,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--torch_compile_mode", default=None,
                        help="torch.compile's mode: 'default', 'reduce-overhead' or 'max-autotune'.")
     model.add_argument("--torch_compile_backend", default=None, help="torch.compile's backend (default: inductor).")
+    model.add_argument("--float32_matmul_precision", choices=("highest", "high", "medium"), default=None,
+                       help="torch.set_float32_matmul_precision for the run (default: PyTorch's, 'highest'). 'high' "
+                            "and 'medium' allow TF32 / bf16 inside float32 matrix products where the hardware has "
+                            "them; 'medium' also sends a CPU's float32 matrix products through oneDNN, 2.3x faster "
+                            "than MKL on AVX-512 AMD CPUs and still float32 there (see the README).")
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", required=True)
@@ -351,14 +358,6 @@ def dataloader_settings(args: argparse.Namespace, accelerator: Accelerator) -> d
     return {"num_workers": workers, "pin_memory": on_gpu}
 
 
-def build_optimizer(model, args: argparse.Namespace) -> torch.optim.Optimizer:
-    # No weight decay on biases and normalisation weights, as in transformers' and timm's recipes.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
-
-
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first: they are renamed from `*.partial` only once whole."""
     folder = Path(output_dir) / "checkpoints"
@@ -466,6 +465,46 @@ def load_checkpoint(
     return state
 
 
+def recompute_non_finite_batch_norm_statistics(model, dataset: PolypSegmentationDataset, args: argparse.Namespace,
+                                                device: torch.device, num_batches: int = 25) -> list[str]:
+    """Recomputes, from training batches, the running statistics of every BatchNorm layer of `model` whose statistics
+    are not finite, and leaves every other tensor and the random state as they were; returns those layers' names.
+
+    Training normalises with each batch's own statistics, so such a layer still trains, but validation, the EMA of
+    the weights and every saved model would be NaN (snapshots before the fp16 fix stored one variance as inf)."""
+    norms = {name: module for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+             and module.track_running_stats}
+    broken = {name for name, module in norms.items()
+              if not (torch.isfinite(module.running_mean).all() and torch.isfinite(module.running_var).all())}
+    if not broken:
+        return []
+    kept = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    momenta = {name: module.momentum for name, module in norms.items()}
+    for name in broken:
+        norms[name].reset_running_stats()
+        norms[name].momentum = None  # a cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_train_batch_size)
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
+        for index, batch in enumerate(loader):
+            if index == num_batches:
+                break
+            if not dataset.augment_on_access:
+                batch = dataset.prepare_batch(batch, device)
+            pixel_values = batch["pixel_values"].to(device)
+            if args.channels_last:
+                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            model(pixel_values=pixel_values)
+    recomputed = {f"{name}.{buffer}" for name in broken for buffer in ("running_mean", "running_var")}
+    model.load_state_dict({name: tensor for name, tensor in kept.items() if name not in recomputed}, strict=False)
+    for name, momentum in momenta.items():
+        norms[name].momentum = momentum
+    model.train(was_training)
+    return sorted(broken)
+
+
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator: Accelerator, threshold: float,
              channels_last: bool = False) -> dict[str, float]:
@@ -497,7 +536,11 @@ def save_model_folder(accelerator: Accelerator, model, processor, folder: Path, 
     if not accelerator.is_main_process:
         return
     if dtype is not None:
-        state_dict = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
+        # A tensor beyond `dtype`'s range stays as it is: cast, it would be saved as inf. BatchNorm's running variance
+        # after the concatenation of ConvNeXt's last features passes fp16's 65504.
+        limit = torch.finfo(dtype).max
+        state_dict = {name: t.to(dtype) if t.is_floating_point() and (t.numel() == 0 or t.abs().max() <= limit)
+                      else t for name, t in state_dict.items()}
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".{what.replace(' ', '_')}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -519,7 +562,8 @@ def save_best_model(accelerator: Accelerator, model, processor, args, metrics: d
 
 
 def save_snapshot(accelerator: Accelerator, model, processor, args, state: dict) -> None:
-    """The validated weights in fp16, the run's logs and `state` (its place in the schedule), into `--snapshot_dir`."""
+    """The validated weights in fp16 (tensors beyond its range in fp32), the run's logs and `state` (its place in the
+    schedule), into `--snapshot_dir`."""
     logs = {name: (Path(args.output_dir) / name).read_text() if accelerator.is_main_process else ""
             for name in (METRICS_FILE, INVOCATIONS_FILE)}
     save_model_folder(accelerator, model, processor, Path(args.snapshot_dir), "snapshot",
@@ -710,6 +754,8 @@ def main(argv: list[str] | None = None) -> None:
     if not accelerator.is_main_process:
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
+    if args.float32_matmul_precision:
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if accelerator.is_main_process:
         Path(args.output_dir, "checkpoints").mkdir(parents=True, exist_ok=True)
     continue_from_snapshot(args, accelerator)
@@ -735,7 +781,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, accelerator.device.type)
 
     steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -789,7 +835,7 @@ def main(argv: list[str] | None = None) -> None:
         "start_epoch": args.start_epoch,
         "num_train_samples": len(train_dataset), "num_eval_samples": len(eval_dataset),
         "num_processes": accelerator.num_processes, "channels_last": args.channels_last,
-        "torch_compile": args.torch_compile,
+        "torch_compile": args.torch_compile, "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     if accelerator.is_main_process:
         command = " ".join(["python train_accelerate.py", *(argv if argv is not None else sys.argv[1:])])
@@ -802,7 +848,15 @@ def main(argv: list[str] | None = None) -> None:
         hparams = {k: "" if v is None else str(v) if isinstance(v, list) else v for k, v in run_config.items()}
         accelerator.init_trackers("attention_unet", hparams)
 
-    state = load_checkpoint(accelerator, args, model_ema) or {
+    state = load_checkpoint(accelerator, args, model_ema)
+    loaded_models = {"model": accelerator.unwrap_model(model)}
+    if model_ema is not None:
+        loaded_models["EMA of the weights"] = model_ema.module
+    for name, loaded in loaded_models.items():
+        if broken := recompute_non_finite_batch_norm_statistics(loaded, train_dataset, args, accelerator.device):
+            logger.warning(f"BatchNorm statistics of the {name} in {', '.join(broken)} were not finite: "
+                           "recomputed from training batches.", main_process_only=True)
+    state = state or {
         "epoch": args.start_epoch, "step_in_epoch": 0, "completed_steps": args.start_epoch * steps_per_epoch,
         "best_dice": -1.0, "best_epoch": None,
     }

@@ -5,9 +5,11 @@
   crops with zoom jitter by default), in the main process (frames/s per core), through a DataLoader with the
   default workers (min(8, cores)), and on the training device (`--augment_on_device`: the same draws, the warps
   run by the device);
-- the training step alone (forward, loss, backward, AdamW) on a fixed batch already on the device: fp32 and
-  channels-last, and on CUDA also fp16 and bf16 autocast, each optionally with `torch.compile`;
-- the two together: the DataLoader feeding the step, with the step's share of the time.
+- the training step alone (forward, loss, backward, train_accelerate.py's AdamW) on a fixed batch already on the
+  device: fp32, channels-last, and channels-last with `--float32_matmul_precision medium`, and on CUDA also fp16 and
+  bf16 autocast, each optionally with `torch.compile`;
+- the two together: the DataLoader feeding the step, with the step's share of the time;
+- one float32 matrix product the size of the encoder's largest MLP, at each matmul precision: GFLOP/s and its error.
 
     python benchmarks/bench_train.py --dataset_name ../shared/data/kvasir-seg --output_json benchmarks/train_cpu.json
     python benchmarks/bench_train.py --tiny        # a smoke run: tiny model, 64x64, a few steps
@@ -32,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from segmentation_data import PolypSegmentationDataset, decode_samples, load_local_splits, training_augmentation  # noqa: E402
 from segmentation_inference import check_remote_code_arguments  # noqa: E402
+from segmentation_training import build_optimizer  # noqa: E402
 
 TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
 V2_DECODER = {"decoder_upsampling": "nearest", "attention_gate_output_transform": True}
@@ -134,7 +137,9 @@ def synchronize(device: str) -> None:
 
 def step_variants(args) -> list[dict]:
     variants = [{"name": "fp32", "dtype": None, "channels_last": False},
-                {"name": "fp32 channels-last", "dtype": None, "channels_last": True}]
+                {"name": "fp32 channels-last", "dtype": None, "channels_last": True},
+                {"name": "fp32 channels-last, matmul precision medium", "dtype": None, "channels_last": True,
+                 "float32_matmul_precision": "medium"}]
     if args.device.startswith("cuda"):
         variants += [{"name": "fp16 autocast channels-last", "dtype": torch.float16, "channels_last": True},
                      {"name": "bf16 autocast channels-last", "dtype": torch.bfloat16, "channels_last": True}]
@@ -144,11 +149,12 @@ def step_variants(args) -> list[dict]:
 
 
 def make_step(model, variant: dict, device: str):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = build_optimizer(model, 1e-4, 0.05, device.split(":")[0])
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=variant["dtype"] is torch.float16)
     forward = torch.compile(model) if variant.get("compile") else model
 
     def step(pixel_values, labels):
+        torch.set_float32_matmul_precision(variant.get("float32_matmul_precision", "highest"))
         if variant["channels_last"]:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.split(":")[0], dtype=variant["dtype"] or torch.float32,
@@ -158,6 +164,7 @@ def make_step(model, variant: dict, device: str):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        torch.set_float32_matmul_precision("highest")
 
     return step
 
@@ -185,6 +192,34 @@ def step_alone(args, side: int) -> list[dict]:
         seconds = (time.perf_counter() - start) / args.steps
         results.append({"variant": variant["name"], "seconds_per_step": seconds,
                         "frames_per_second": args.per_device_train_batch_size / seconds})
+    return results
+
+
+def matrix_products(args) -> list[dict]:
+    """GFLOP/s and relative error (against float64) of one float32 product the size of ConvNeXt-T's stage-3 MLP at
+    batch 16 on 160x160 crops, at each `torch.set_float32_matmul_precision`."""
+    m, k, n = (64, 32, 128) if args.tiny else (1600, 384, 1536)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator).to(args.device)
+    b = torch.randn(k, n, generator=generator).to(args.device)
+    exact = a.double() @ b.double()
+    results = []
+    for precision in ("highest", "medium"):
+        torch.set_float32_matmul_precision(precision)
+        product = a @ b
+        for _ in range(args.warmup_steps):
+            a @ b
+        synchronize(args.device)
+        start = time.perf_counter()
+        repeats = 5 * args.steps
+        for _ in range(repeats):
+            a @ b
+        synchronize(args.device)
+        seconds = (time.perf_counter() - start) / repeats
+        results.append({"float32_matmul_precision": precision, "shape": [m, k, n],
+                        "gflop_per_second": 2 * m * k * n / seconds / 1e9,
+                        "relative_error": ((product.double() - exact).norm() / exact.norm()).item()})
+    torch.set_float32_matmul_precision("highest")
     return results
 
 
@@ -220,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = build_dataset(args)
     side = args.train_crop_size or args.resolution
     pipeline = pipeline_alone(dataset, args)
+    products = matrix_products(args)
     steps = step_alone(args, side)
     best = max(steps, key=lambda result: result["frames_per_second"])
     combined = together(dataset, args, best)
@@ -227,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": args.device, "device_name": device_name or platform.machine(), "cores": os.cpu_count(),
         "torch": torch.__version__, "batch_size": args.per_device_train_batch_size, "crop": side,
-        **pipeline, "step_alone": steps, **combined,
+        **pipeline, "matrix_products": products, "step_alone": steps, **combined,
         "command": " ".join(["python benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     print(f"\nTraining throughput on {result['device_name']} ({args.device}, {result['cores']} cores), "
@@ -241,6 +277,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| training step alone, {step['variant']} | {step['frames_per_second']:.1f} |")
     print(f"| pipeline + step ({combined['train_variant']}) | {combined['train_frames_per_second']:.1f} "
           f"(the step alone would be {100 * combined['step_share_of_time']:.0f} % of that time) |")
+    print()
+    for product in products:
+        print(f"float32 product {'x'.join(map(str, product['shape']))}, matmul precision "
+              f"{product['float32_matmul_precision']}: {product['gflop_per_second']:.0f} GFLOP/s, relative error "
+              f"{product['relative_error']:.1e}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

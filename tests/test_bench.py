@@ -102,6 +102,9 @@ def test_tiny_training_benchmark_ends_with_its_json_summary(kvasir_root, tmp_pat
     assert summary["device"] == "cpu"
     assert summary["pipeline_frames_per_second_per_core"] > 0 and summary["train_frames_per_second"] > 0
     assert summary["pipeline_frames_per_second_on_device"] > 0
-    assert [step["variant"] for step in summary["step_alone"]] == ["fp32", "fp32 channels-last"]
+    assert [step["variant"] for step in summary["step_alone"]] == [
+        "fp32", "fp32 channels-last", "fp32 channels-last, matmul precision medium"]
+    assert [p["float32_matmul_precision"] for p in summary["matrix_products"]] == ["highest", "medium"]
+    assert all(p["gflop_per_second"] > 0 and p["relative_error"] < 1e-2 for p in summary["matrix_products"])
     assert 0 < summary["step_share_of_time"] <= 1
     assert "| input pipeline, one core |" in result.stdout

@@ -114,6 +114,17 @@ def test_card_refuses_a_stage_without_its_commands(tmp_path):
         load_stages(tmp_path)
 
 
+def test_card_training_speed_table_is_the_committed_benchmark():
+    from make_model_card import render_training_speed
+
+    result = json.loads((REPO_ROOT / "benchmarks" / "train_cpu.json").read_text())
+    card = (REPO_ROOT / "README.md").read_text()
+    block = card.split("<!-- training-speed:start -->", 1)[1].split("<!-- training-speed:end -->", 1)[0]
+    assert block.strip() == render_training_speed(result).strip()
+    for step in result["step_alone"]:
+        assert f"| {step['variant']} | {step['frames_per_second']:.2f} |" in block
+
+
 def test_card_fit_probe_table_is_the_committed_probe_results():
     """Every row of the card's fit-probe table comes from benchmarks/fit_probe.jsonl, in its order."""
     from make_model_card import load_jsonl, render_fit_probe

@@ -193,6 +193,8 @@ def resumable_run(tmp_path_factory):
     from accelerate.state import AcceleratorState, GradientState
     from transformers import get_scheduler
 
+    from segmentation_training import build_optimizer
+
     output_dir = tmp_path_factory.mktemp("resumable")
     args = train_accelerate.parse_args([
         "--output_dir", str(output_dir), "--config_overrides", TINY_CONFIG_OVERRIDES, "--resolution", "64",
@@ -206,7 +208,7 @@ def resumable_run(tmp_path_factory):
             accelerator = train_accelerate.build_accelerator(args)
             config, _ = train_accelerate.load_config_and_processor(args)
             model = train_accelerate.build_model(config, args)
-            optimizer = train_accelerate.build_optimizer(model, args)
+            optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
             scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=0,
                                       num_training_steps=1)
             accelerator.prepare(model, optimizer, scheduler)

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO_ROOT, TINY_OVERRIDES, make_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from segmentation_data import (
     PolypSegmentationDataset,
@@ -435,6 +435,70 @@ def test_latest_continues_from_the_snapshot_where_the_checkpoints_are_gone(model
     assert len((snapshot / "invocations.jsonl").read_text().splitlines()) == 2
 
 
+def test_continuing_from_a_snapshot_with_an_infinite_batch_norm_variance_recomputes_it(model_ema_run, kvasir_root,
+                                                                                       tmp_path):
+    """Snapshots written before the fp16 range check stored one BatchNorm variance as inf: training still ran, but
+    every validation was NaN. Continuing recomputes that layer's statistics, in the model and in its EMA, and only
+    those."""
+    snapshot = shutil.copytree(model_ema_run / "snapshot", tmp_path / "snapshot")
+    weights = load_file(snapshot / "model.safetensors")
+    broken = "decoder.blocks.0.conv1.norm"
+    weights[f"{broken}.running_var"][0] = float("inf")
+    save_file(weights, snapshot / "model.safetensors", metadata={"format": "pt"})
+    completed = run_training(tmp_path / "run", kvasir_root, "--num_train_epochs", "3", "--model_ema_decay", "0.9",
+                             "--resume_from_checkpoint", "latest", "--snapshot_dir", str(snapshot))
+    for name in ("model", "EMA of the weights"):
+        assert f"BatchNorm statistics of the {name} in {broken} were not finite: recomputed" in completed.stderr
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["epoch"] == 3 and np.isfinite(record["eval_loss"]) and np.isfinite(record["train_eval_loss"])
+    assert all(torch.isfinite(t).all() for t in load_file(snapshot / "model.safetensors").values())
+
+
+def test_recomputing_batch_norm_statistics_leaves_the_rest_and_the_random_state_alone(kvasir_root):
+    import argparse
+
+    import train_accelerate
+
+    splits, _ = load_local_splits(kvasir_root)
+    names, images, masks, _ = decode_samples(splits["train"][:8], 64)
+    dataset = PolypSegmentationDataset(names, images, masks, (0.5,) * 3, (0.25,) * 3, training_augmentation(32), 0)
+    args = argparse.Namespace(per_device_train_batch_size=4, channels_last=False)
+    model = make_model(**TINY_OVERRIDES)
+    assert train_accelerate.recompute_non_finite_batch_norm_statistics(model, dataset, args, torch.device("cpu")) == []
+    norm = model.decoder.blocks[1].conv2.norm
+    norm.running_mean[3] = float("nan")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    random_state = torch.get_rng_state()
+    repaired = train_accelerate.recompute_non_finite_batch_norm_statistics(model, dataset, args, torch.device("cpu"))
+    assert repaired == ["decoder.blocks.1.conv2.norm"]
+    assert torch.equal(torch.get_rng_state(), random_state) and not model.training
+    after = model.state_dict()
+    for name, tensor in before.items():
+        if name in ("decoder.blocks.1.conv2.norm.running_mean", "decoder.blocks.1.conv2.norm.running_var"):
+            assert torch.isfinite(after[name]).all() and not torch.equal(after[name], tensor), name
+        else:
+            assert torch.equal(after[name], tensor), name
+    assert norm.momentum == 0.1
+
+
+def test_snapshot_keeps_tensors_beyond_fp16_range_in_fp32(tmp_path):
+    from accelerate import Accelerator
+    from transformers import AutoImageProcessor
+
+    import train_accelerate
+
+    model = make_model(**TINY_OVERRIDES)
+    model.decoder.blocks[0].conv1.norm.running_var[0] = 1e6
+    processor = AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    train_accelerate.save_model_folder(Accelerator(cpu=True), model, processor, tmp_path, "snapshot", {},
+                                       dtype=torch.float16)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert saved["decoder.blocks.0.conv1.norm.running_var"].dtype == torch.float32
+    assert saved["decoder.blocks.0.conv1.norm.running_var"][0] == 1e6
+    assert saved["decoder.blocks.0.conv1.norm.running_mean"].dtype == torch.float16
+    assert saved["decoder.blocks.0.conv1.conv.weight"].dtype == torch.float16
+
+
 def test_continuing_from_the_snapshot_of_an_ended_run_says_so(model_ema_run, kvasir_root, tmp_path):
     with pytest.raises(AssertionError, match="Epoch 2 to start from .* the run has ended"):
         run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--resume_from_checkpoint", "latest",
@@ -474,7 +538,8 @@ def test_crops_with_zoom_jitter_then_full_frames_for_the_last_epochs(kvasir_root
 @pytest.fixture(scope="module")
 def fast_path_run(kvasir_root, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("fast_path")
-    run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--channels_last", "--torch_compile")
+    run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--channels_last", "--torch_compile",
+                 "--float32_matmul_precision", "medium")
     return output_dir
 
 
@@ -489,7 +554,7 @@ def test_augmenting_on_the_device_trains_and_resumes_like_the_workers(uninterrup
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "full"))
 
 
-def test_channels_last_and_compile_train_like_eager(fast_path_run, uninterrupted_run):
+def test_channels_last_compile_and_medium_matmul_precision_train_like_eager(fast_path_run, uninterrupted_run):
     eager, fast = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                    for run in (uninterrupted_run[0], fast_path_run))
     for plain, other in zip(eager, fast):
@@ -497,10 +562,12 @@ def test_channels_last_and_compile_train_like_eager(fast_path_run, uninterrupted
         assert other["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-3, abs=1e-4)
     invocation = json.loads((fast_path_run / "invocations.jsonl").read_text())
     assert invocation["channels_last"] and invocation["torch_compile"]
+    assert invocation["float32_matmul_precision"] == "medium"
 
 
-def test_channels_last_and_compile_resume_exactly(fast_path_run, kvasir_root, tmp_path):
+def test_channels_last_compile_and_medium_matmul_precision_resume_exactly(fast_path_run, kvasir_root, tmp_path):
     run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--channels_last", "--torch_compile",
+                 "--float32_matmul_precision", "medium",
                  "--resume_from_checkpoint", str(fast_path_run / "checkpoints" / "checkpoint-4"))
     assert_same_weights(final_weights(tmp_path), final_weights(fast_path_run))
 
