@@ -213,8 +213,8 @@ def render_fit_probe(results: list[dict]) -> str:
     settings = sorted({(r["frames"], r["size"], r["steps"], r["batch_size"], r["learning_rate"]) for r in results})
     described = "; ".join(f"{f} training frames at {z}x{z}, {n} steps of batch {b}, lr {lr}" for f, z, n, b, lr in settings)
     return "\n".join(lines) + f"\n\n{described}; validation: the 60 validation frames at the same size. Each row is " \
-        "one `python benchmarks/fit_probe.py --config_overrides '<JSON>' --eval_validation` run (`--init_encoder_from " \
-        "<folder>` for an encoder started from saved weights)."
+        "one `python benchmarks/fit_probe.py --config_overrides '<JSON>' --eval_validation` run (`--seed 1` for the " \
+        "rows labelled so, `--init_encoder_from <folder>` for an encoder started from saved weights)."
 
 
 def plot_training_curves(stages: list[dict], path: Path) -> None:

@@ -66,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace):
-    """Returns the model and this project's loss function (from the model code, as `trust_remote_code` loads it)."""
+    """Returns the model, its forward (images -> logits) and its training loss (images, labels -> loss): this
+    project's (from the model code, as `trust_remote_code` loads it) for every model; for ours the model's own, which
+    adds the auxiliary heads' with `use_auxiliary_heads`."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=True, **json.loads(args.config_overrides))
@@ -78,7 +80,7 @@ def build_model(args: argparse.Namespace):
             model.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in weights.items()
                                            if k.startswith("encoder.")})
         forward = lambda x: model(pixel_values=x).logits  # noqa: E731
-        modeling = sys.modules[type(model).__module__]
+        return model, forward, lambda x, y: model(pixel_values=x, labels=y).loss
     else:
         import segmentation_models_pytorch as smp
 
@@ -86,8 +88,7 @@ def build_model(args: argparse.Namespace):
         encoder = {"smp-convnext": "tu-convnext_tiny", "smp-resnet34": "resnet34"}[args.model]
         torch.manual_seed(args.seed)
         model = smp.Unet(encoder, encoder_weights=None, classes=1)
-        forward = model
-    return model, forward, modeling.attention_unet_loss
+        return model, model, lambda x, y: modeling.attention_unet_loss(model(x), y, 0.5)
 
 
 def score(forward, dataset: PolypSegmentationDataset) -> float:
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     train = PolypSegmentationDataset(names, images, masks, mean, std, training_augmentation(None), 1)
     plain = PolypSegmentationDataset(names, images, masks, mean, std)
 
-    model, forward, loss_fn = build_model(args)
+    model, forward, training_loss = build_model(args)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         train.set_epoch(epoch)
         epoch += 1
         for batch in loader:
-            loss = loss_fn(forward(batch["pixel_values"]), batch["labels"][:, None], 0.5)
+            loss = training_loss(batch["pixel_values"], batch["labels"][:, None])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     result = {"label": args.label, "model": args.model, "config_overrides": json.loads(args.config_overrides),
               "init_encoder_from": args.init_encoder_from, "frames": args.frames, "size": args.size,
-              "batch_size": args.batch_size, "steps": args.steps, "learning_rate": args.learning_rate,
+              "batch_size": args.batch_size, "steps": args.steps, "learning_rate": args.learning_rate, "seed": args.seed,
               "final_batch_loss": round(loss.item(), 4), "fit_mean_dice": round(score(forward, plain), 4)}
     if args.eval_validation:
         names, images, masks, _ = decode_samples(splits["validation"], args.size)

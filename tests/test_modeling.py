@@ -28,6 +28,7 @@ def tiny_model(request):
         ({"num_channels": 0}, "num_channels"),
         ({"attention_channels_ratio": 0.0}, "attention_channels_ratio"),
         ({"decoder_upsampling": "bicubic"}, "decoder_upsampling"),
+        ({"auxiliary_loss_weight": -0.5}, "auxiliary_loss_weight"),
     ],
 )
 def test_config_rejects_invalid_field_by_name(overrides, field):
@@ -108,6 +109,46 @@ def test_loss_matches_reference(tiny_model, label_rank):
     with torch.no_grad():
         outputs = tiny_model(pixel_values, labels=labels if label_rank == 3 else labels[:, None])
     assert outputs.loss.item() == pytest.approx(reference_loss(outputs.logits, labels[:, None], 0.5), rel=1e-5)
+
+
+def test_auxiliary_heads_add_their_mean_loss_and_change_no_output():
+    """Deep supervision: a 1x1 head on each decoder stage but the last, upsampled to the input, in the loss only."""
+    torch.manual_seed(0)
+    pixel_values, labels = torch.randn(2, 3, 70, 50), (torch.rand(2, 70, 50) > 0.7).float()
+    plain = make_model(**TINY_OVERRIDES)
+    supervised = make_model(**TINY_OVERRIDES, use_auxiliary_heads=True, auxiliary_loss_weight=0.3)
+    supervised.load_state_dict(plain.state_dict(), strict=False)
+    stages = []
+    hooks = [block.register_forward_hook(lambda module, args, output: stages.append(output[0]))
+             for block in supervised.decoder.blocks]
+    with torch.no_grad():
+        outputs = supervised(pixel_values, labels=labels, output_attentions=True)
+        reference = plain(pixel_values, labels=labels, output_attentions=True)
+    for hook in hooks:
+        hook.remove()
+    assert len(supervised.auxiliary_heads) == len(supervised.config.decoder_channels) - 1
+    assert torch.equal(outputs.logits, reference.logits)
+    assert all(torch.equal(a, b) for a, b in zip(outputs.attentions, reference.attentions))
+    auxiliary = [reference_loss(torch.nn.functional.interpolate(head(stage), size=stages[-1].shape[-2:],
+                                                                mode="bilinear")[..., :70, :50], labels[:, None], 0.5)
+                 for head, stage in zip(supervised.auxiliary_heads, stages)]
+    expected = reference.loss.item() + 0.3 * float(np.mean(auxiliary))
+    assert outputs.loss.item() == pytest.approx(expected, rel=1e-5)
+    supervised(pixel_values, labels=labels).loss.backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in supervised.auxiliary_heads)
+
+
+def test_weights_without_auxiliary_heads_load_into_a_model_with_them(tiny_model_dir):
+    """Older checkpoints (the shipped one) fine-tune with deep supervision: the heads start from `_init_weights`."""
+    from transformers import AutoModel
+
+    plain = AutoModel.from_pretrained(tiny_model_dir, trust_remote_code=True)
+    supervised = AutoModel.from_pretrained(tiny_model_dir, trust_remote_code=True, use_auxiliary_heads=True)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(supervised(pixel_values).logits, plain(pixel_values).logits)
+    for head in supervised.auxiliary_heads:
+        assert torch.all(head.bias == 0) and head.weight.std() > 0
 
 
 def test_labels_of_wrong_shape_are_rejected(tiny_model):
