@@ -12,7 +12,7 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
     """AdamW without weight decay on biases and normalisation weights, as in transformers' and timm's recipes.
 
     On CPUs and CUDA GPUs it is PyTorch's fused implementation: on a CPU the default one loops over the tensors in
-    Python (for-each is only the default on GPUs), 0.3 s against 0.1 s a step for this model's 32 M parameters on 2
+    Python (for-each is only the default on GPUs), 0.24 s against 0.02 s a step for this model's 32 M parameters on 2
     cores. `device_type` is where the parameters will be when the optimiser steps.
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from torch import nn
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
@@ -32,6 +31,7 @@ from accelerate.utils import load as accelerate_load
 import safetensors.torch
 from safetensors.torch import load_file, save_model
 from timm.utils import ModelEmaV3
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, get_scheduler
 
@@ -505,6 +505,18 @@ def recompute_non_finite_batch_norm_statistics(model, dataset: PolypSegmentation
     return sorted(broken)
 
 
+def repair_batch_norm_statistics(accelerator: Accelerator, model, model_ema: ModelEmaV3 | None,
+                                 dataset: PolypSegmentationDataset, args: argparse.Namespace) -> None:
+    """Recomputes the non-finite BatchNorm statistics of the weights a run starts from, and of their EMA."""
+    loaded = {"model": accelerator.unwrap_model(model)}
+    if model_ema is not None:
+        loaded["EMA of the weights"] = model_ema.module
+    for name, module in loaded.items():
+        if broken := recompute_non_finite_batch_norm_statistics(module, dataset, args, accelerator.device):
+            logger.warning(f"BatchNorm statistics of the {name} in {', '.join(broken)} were not finite: "
+                           "recomputed from training batches.", main_process_only=True)
+
+
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator: Accelerator, threshold: float,
              channels_last: bool = False) -> dict[str, float]:
@@ -849,13 +861,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.init_trackers("attention_unet", hparams)
 
     state = load_checkpoint(accelerator, args, model_ema)
-    loaded_models = {"model": accelerator.unwrap_model(model)}
-    if model_ema is not None:
-        loaded_models["EMA of the weights"] = model_ema.module
-    for name, loaded in loaded_models.items():
-        if broken := recompute_non_finite_batch_norm_statistics(loaded, train_dataset, args, accelerator.device):
-            logger.warning(f"BatchNorm statistics of the {name} in {', '.join(broken)} were not finite: "
-                           "recomputed from training batches.", main_process_only=True)
+    repair_batch_norm_statistics(accelerator, model, model_ema, train_dataset, args)
     state = state or {
         "epoch": args.start_epoch, "step_in_epoch": 0, "completed_steps": args.start_epoch * steps_per_epoch,
         "best_dice": -1.0, "best_epoch": None,
