@@ -21,7 +21,9 @@ from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
 from segmentation_data import DEFAULT_DATASET, DataError, PolypSegmentationDataset, decode_samples, load_splits
-from segmentation_inference import check_remote_code_arguments, load_model_and_processor, predict_logits
+from segmentation_inference import (
+    add_float32_matmul_precision_argument, check_remote_code_arguments, load_model_and_processor, predict_logits,
+)
 from segmentation_metrics import METRIC_NAMES, confusion_counts, format_table, metrics_from_counts, summarize
 
 
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--tta", action="store_true", help="Average the logits of the input and its flips.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_float32_matmul_precision_argument(parser)
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
@@ -59,6 +62,8 @@ def weights_provenance(model_id: str, revision: str | None) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.float32_matmul_precision:
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model, processor = load_model_and_processor(args.model, args.revision, args.trust_remote_code, args.device)
     threshold = model.config.threshold
 
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "resolution": args.resolution,
         "threshold": threshold,
         "tta": args.tta,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "metrics": summary,
         "loss": loss,
         "per_image": [

@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
         text = replace_block(text, "fit-probe", render_fit_probe(load_jsonl(fit_probe_results)))
     training_speed_results = Path(args.training_speed_results)
     if training_speed_results.is_file():
-        text = replace_block(text, "training-speed", render_training_speed(json.loads(training_speed_results.read_text())))
+        training_speed = json.loads(training_speed_results.read_text())
+        text = replace_block(text, "training-speed", render_training_speed(training_speed))
     readme.write_text(text)
     print(f"Updated {readme} and {assets}/.")
 

@@ -275,7 +275,8 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
         self.auxiliary_heads = None
         if config.use_auxiliary_heads:
             self.auxiliary_heads = nn.ModuleList(
-                nn.Conv2d(channels, config.num_output_channels, kernel_size=1) for channels in config.decoder_channels[:-1]
+                nn.Conv2d(channels, config.num_output_channels, kernel_size=1)
+                for channels in config.decoder_channels[:-1]
             )
         self.post_init()
 

@@ -33,8 +33,8 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from image_processing_attention_unet import to_rgb_uint8
 from segmentation_inference import (
-    VIDEO_EXTENSIONS, check_remote_code_arguments, heat_map, load_model, load_processor, overlay_mask, segment_frames,
-    segment_video,
+    VIDEO_EXTENSIONS, add_float32_matmul_precision_argument, check_remote_code_arguments, heat_map, load_model,
+    load_processor, overlay_mask, segment_frames, segment_video,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels_last", action="store_true",
                         help="Run the PyTorch model in channels-last memory format (whether that is faster on a CPU: "
                              "see benchmarks/bench_cpu.py).")
+    add_float32_matmul_precision_argument(parser)
     parser.add_argument("--onnx", default=None, metavar="MODEL.onnx",
                         help="Run this export (see export_onnx.py) with ONNX Runtime on CPU instead of PyTorch.")
     args = parser.parse_args(argv)
@@ -156,6 +157,8 @@ def load_segmenter(args: argparse.Namespace):
             return segmenter, processor, segmenter.threshold
         config = AutoConfig.from_pretrained(source, revision=args.revision, trust_remote_code=True)
         return segmenter, processor, config.threshold
+    if args.float32_matmul_precision:
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model = load_model(args.model, args.revision, args.trust_remote_code).to(args.device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

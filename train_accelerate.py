@@ -43,7 +43,7 @@ from segmentation_data import (
     load_splits,
     training_augmentation,
 )
-from segmentation_inference import check_remote_code_arguments, load_model
+from segmentation_inference import add_float32_matmul_precision_argument, check_remote_code_arguments, load_model
 from segmentation_metrics import confusion_counts, format_table, summarize
 from segmentation_training import build_optimizer
 
@@ -121,11 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--torch_compile_mode", default=None,
                        help="torch.compile's mode: 'default', 'reduce-overhead' or 'max-autotune'.")
     model.add_argument("--torch_compile_backend", default=None, help="torch.compile's backend (default: inductor).")
-    model.add_argument("--float32_matmul_precision", choices=("highest", "high", "medium"), default=None,
-                       help="torch.set_float32_matmul_precision for the run (default: PyTorch's, 'highest'). 'high' "
-                            "and 'medium' allow TF32 / bf16 inside float32 matrix products where the hardware has "
-                            "them; 'medium' also sends a CPU's float32 matrix products through oneDNN, 2.3x faster "
-                            "than MKL on AVX-512 AMD CPUs and still float32 there (see the README).")
+    add_float32_matmul_precision_argument(model)
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", required=True)
@@ -472,8 +468,8 @@ def recompute_non_finite_batch_norm_statistics(model, dataset: PolypSegmentation
 
     Training normalises with each batch's own statistics, so such a layer still trains, but validation, the EMA of
     the weights and every saved model would be NaN (snapshots before the fp16 fix stored one variance as inf)."""
-    norms = {name: module for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-             and module.track_running_stats}
+    norms = {name: module for name, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats}
     broken = {name for name, module in norms.items()
               if not (torch.isfinite(module.running_mean).all() and torch.isfinite(module.running_var).all())}
     if not broken:

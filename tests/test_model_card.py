@@ -41,6 +41,24 @@ def fresh_test_evaluation(shipped_weights, kvasir_root, tmp_path_factory) -> dic
     return evaluate_like("test.json", kvasir_root, tmp_path_factory.mktemp("eval") / "test.json")
 
 
+def test_medium_matmul_precision_scores_the_shipped_weights_as_the_default_does(shipped_weights, kvasir_root,
+                                                                              tmp_path):
+    """On CPUs without AMX, `--float32_matmul_precision medium` only moves the products from MKL to oneDNN."""
+    results = {}
+    for precision in ("highest", "medium"):
+        output_json = tmp_path / f"{precision}.json"
+        completed = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", str(REPO_ROOT), "--dataset_name",
+             str(kvasir_root), "--split", "validation", "--max_eval_samples", "8", "--float32_matmul_precision",
+             precision, "--output_json", str(output_json)], capture_output=True, text=True, cwd=REPO_ROOT)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        results[precision] = json.loads(output_json.read_text())
+        assert results[precision]["float32_matmul_precision"] == precision
+    for default, medium in zip(results["highest"]["per_image"], results["medium"]["per_image"]):
+        assert medium["dice"] == pytest.approx(default["dice"], abs=0.01), default["name"]
+    assert results["medium"]["loss"] == pytest.approx(results["highest"]["loss"], rel=1e-3)
+
+
 def card_model_index_mean_dice() -> float:
     front_matter = README.read_text().split("\n---\n", 1)[0]
     match = re.search(r"- type: mean_dice\n\s+value: ([0-9.]+)", front_matter)

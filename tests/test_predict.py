@@ -61,6 +61,16 @@ def kvasir_run(kvasir_root, tiny_model_dir, tmp_path_factory):
     return frames, output_dir, result
 
 
+def test_medium_matmul_precision_gives_the_same_masks(kvasir_run, tiny_model_dir, tmp_path):
+    frames, output_dir, _ = kvasir_run
+    result = run_script("predict.py", *frames, "--model", tiny_model_dir, "--output_dir", tmp_path,
+                        "--float32_matmul_precision", "medium")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for frame in frames:
+        masks = [np.asarray(PIL.Image.open(folder / f"{frame.stem}_mask.png")) for folder in (output_dir, tmp_path)]
+        assert (masks[0] == masks[1]).mean() > 0.999, frame.name
+
+
 def test_bad_files_are_reported_and_the_rest_processed(kvasir_run):
     frames, output_dir, result = kvasir_run
     assert result.returncode == 1, result.stderr
