@@ -454,6 +454,18 @@ def test_continuing_from_a_snapshot_with_an_infinite_batch_norm_variance_recompu
     assert all(torch.isfinite(t).all() for t in load_file(snapshot / "model.safetensors").values())
 
 
+def test_optimizer_is_fused_adamw_without_decay_on_biases_and_norms():
+    from segmentation_training import build_optimizer
+
+    model = make_model(**TINY_OVERRIDES)
+    optimizer = build_optimizer(model, 1e-3, 0.05, "cpu")
+    decay, no_decay = optimizer.param_groups
+    assert optimizer.defaults["fused"] and decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.ndim > 1}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters() if p.ndim <= 1}
+    assert not build_optimizer(model, 1e-3, 0.05, "mps").defaults["fused"]
+
+
 def test_recomputing_batch_norm_statistics_leaves_the_rest_and_the_random_state_alone(kvasir_root):
     import argparse
 
