@@ -50,6 +50,12 @@ class AttentionUNetConfig(PretrainedConfig):
             pipeline, `evaluate.py` and `predict.py` all read it from here.
         drop_path_rate (`float`, *optional*, defaults to 0.0):
             Stochastic depth rate passed to the timm encoder.
+        use_auxiliary_heads (`bool`, *optional*, defaults to `False`):
+            Deep supervision: a 1x1 head on every decoder stage but the last, whose logits (upsampled to the input)
+            add to the loss when labels are given. They change no output; weights saved without them load into a
+            model with them, which initialises them.
+        auxiliary_loss_weight (`float`, *optional*, defaults to 0.4):
+            Weight of the auxiliary heads' mean loss in the total loss. Must be >= 0.
         id2label (`dict[int, str]`, *optional*, defaults to `{0: "background", 1: "polyp"}`):
             Names of the mask's values.
 
@@ -78,6 +84,8 @@ class AttentionUNetConfig(PretrainedConfig):
         loss_alpha: float = 0.5,
         threshold: float = 0.5,
         drop_path_rate: float = 0.0,
+        use_auxiliary_heads: bool = False,
+        auxiliary_loss_weight: float = 0.4,
         **kwargs,
     ):
         # A classic `__init__`, not a `@strict` dataclass: transformers 4.x and 5.0 configs are not dataclasses, and
@@ -94,6 +102,8 @@ class AttentionUNetConfig(PretrainedConfig):
         self.loss_alpha = loss_alpha
         self.threshold = threshold
         self.drop_path_rate = drop_path_rate
+        self.use_auxiliary_heads = use_auxiliary_heads
+        self.auxiliary_loss_weight = auxiliary_loss_weight
         if kwargs.get("id2label") is None and kwargs.get("num_labels") is None:
             kwargs["id2label"] = {0: "background", 1: "polyp"}
             kwargs["label2id"] = {"background": 0, "polyp": 1}
@@ -178,6 +188,7 @@ _FIELD_CHECKS = {
     "loss_alpha": _check_range("loss_alpha", 0.0, 1.0, False, False),
     "threshold": _check_range("threshold", 0.0, 1.0, True, True),
     "drop_path_rate": _check_range("drop_path_rate", 0.0, 1.0, False, True),
+    "auxiliary_loss_weight": _check_range("auxiliary_loss_weight", 0.0, float("inf"), False, True),
 }
 
 __all__ = ["AttentionUNetConfig"]

@@ -156,17 +156,19 @@ class AttentionUNetDecoder(nn.Module):
 
     def forward(
         self, features: list[torch.Tensor], encoder_strides: list[int]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """`features`: one `(B, C_i, H/s_i, W/s_i)` per encoder stage. Returns `(B, C_last, H, W)` and the gate maps."""
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """`features`: one `(B, C_i, H/s_i, W/s_i)` per encoder stage. Returns every stage's output, coarsest first and
+        ending with `(B, C_last, H, W)`, and the gate maps."""
         feature_by_stride = dict(zip(encoder_strides, features))
         hidden_state = features[-1]
-        gate_maps = []
+        stage_outputs, gate_maps = [], []
         for block, skip_stride in zip(self.blocks, self.skip_strides):
             skip = feature_by_stride[skip_stride] if skip_stride is not None else None
             hidden_state, coefficients = block(hidden_state, skip)
+            stage_outputs.append(hidden_state)
             if coefficients is not None:
                 gate_maps.append(coefficients)
-        return hidden_state, tuple(gate_maps)
+        return tuple(stage_outputs), tuple(gate_maps)
 
 
 class AttentionUNetPreTrainedModel(PreTrainedModel):
@@ -184,7 +186,8 @@ class AttentionUNetPreTrainedModel(PreTrainedModel):
         # only), so the rules are per leaf. Only the decoder and head are ours to initialise: the timm encoder's
         # weights come from timm's own init, ImageNet or a checkpoint.
         gates = [block.attention_gate for block in self.decoder.blocks if block.attention_gate is not None]
-        if module is self.segmentation_head:
+        heads = [self.segmentation_head, *(self.auxiliary_heads or ())]
+        if any(module is head for head in heads):
             init.xavier_uniform_(module.weight)
             init.zeros_(module.bias)
         elif any(module is gate.psi for gate in gates):
@@ -216,8 +219,11 @@ class AttentionUNetPreTrainedModel(PreTrainedModel):
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         problems = []
-        if loading_info["missing_keys"]:
-            problems.append(f"missing tensor(s) {_listed(loading_info['missing_keys'])}")
+        # Auxiliary heads only add to the training loss: weights saved without them are complete for inference and
+        # a start for training with them, which `_init_weights` gives their first values.
+        missing = [name for name in loading_info["missing_keys"] if not name.startswith("auxiliary_heads.")]
+        if missing:
+            problems.append(f"missing tensor(s) {_listed(missing)}")
         if loading_info["unexpected_keys"]:
             problems.append(f"tensor(s) {_listed(loading_info['unexpected_keys'])} that this config does not build")
         if problems:
@@ -266,6 +272,12 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
         self.encoder_strides = list(self.encoder.feature_info.reduction())
         self.decoder = AttentionUNetDecoder(config, self.encoder_channels, self.encoder_strides)
         self.segmentation_head = nn.Conv2d(config.decoder_channels[-1], config.num_output_channels, kernel_size=1)
+        self.auxiliary_heads = None
+        if config.use_auxiliary_heads:
+            self.auxiliary_heads = nn.ModuleList(
+                nn.Conv2d(channels, config.num_output_channels, kernel_size=1)
+                for channels in config.decoder_channels[:-1]
+            )
         self.post_init()
 
     @staticmethod
@@ -321,6 +333,17 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
             )
         return attention_unet_loss(logits, labels, self.config.loss_alpha)
 
+    def compute_auxiliary_loss(self, stage_outputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss of the auxiliary heads on the decoder stages before the last, their logits upsampled bilinearly
+        to the labels' `(H, W)`."""
+        size = stage_outputs[-1].shape[-2:]  # the padded input's
+        height, width = labels.shape[-2:]
+        losses = [
+            self.compute_loss(F.interpolate(head(stage), size=size, mode="bilinear")[..., :height, :width], labels)
+            for head, stage in zip(self.auxiliary_heads, stage_outputs)
+        ]
+        return torch.stack(losses).mean()
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -334,7 +357,8 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
         pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
             Normalised images, any height and width.
         labels (`torch.Tensor` of shape `(batch_size, height, width)` or `(batch_size, 1, height, width)`, *optional*):
-            Ground-truth masks with values in {0, 1}. When given, the output carries the BCE + Dice loss.
+            Ground-truth masks with values in {0, 1}. When given, the output carries the BCE + Dice loss (plus the
+            auxiliary heads' with `config.use_auxiliary_heads`).
         output_attentions (`bool`, *optional*):
             Return the attention gates' coefficient maps, one `(batch_size, 1, h, w)` per skip, coarsest first.
         output_hidden_states (`bool`, *optional*):
@@ -358,14 +382,16 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
         features = self.encoder(self._pad_to_total_stride(pixel_values))
         if self.encoder_channels_last:
             features = [feature.permute(0, 3, 1, 2) for feature in features]
-        decoded, gate_maps = self.decoder(features, self.encoder_strides)
-        logits = self.segmentation_head(decoded)[..., :height, :width]
+        stage_outputs, gate_maps = self.decoder(features, self.encoder_strides)
+        logits = self.segmentation_head(stage_outputs[-1])[..., :height, :width]
         gate_maps = tuple(gate_map[..., : math.ceil(height / stride), : math.ceil(width / stride)]
                           for gate_map, stride in zip(gate_maps, filter(None, self.decoder.skip_strides)))
 
         loss = None
         if labels is not None:
             loss = self.compute_loss(logits, labels)
+            if self.auxiliary_heads is not None:
+                loss = loss + self.config.auxiliary_loss_weight * self.compute_auxiliary_loss(stage_outputs, labels)
 
         output = SemanticSegmenterOutput(
             loss=loss,
