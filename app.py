@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the demo must run offline
 
@@ -27,6 +28,7 @@ import gradio as gr  # noqa: E402
 from image_processing_attention_unet import to_rgb_uint8  # noqa: E402
 from segmentation_inference import (  # noqa: E402
     VIDEO_EXTENSIONS,
+    add_float32_matmul_precision_argument,
     check_remote_code_arguments,
     heat_map,
     load_model_and_processor,
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Address to listen on (default: Gradio's, 127.0.0.1, or $GRADIO_SERVER_NAME on a Space).")
     parser.add_argument("--server_port", type=int, default=None,
                         help="Port (default: Gradio's, 7860 or the next free one).")
+    add_float32_matmul_precision_argument(parser)
     args = parser.parse_args(argv)
     check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
     return args
@@ -157,6 +160,8 @@ def build_demo(model, processor, device: str = "cpu") -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.float32_matmul_precision:
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model, processor = load_model_and_processor(args.model, args.revision, args.trust_remote_code, args.device)
     demo = build_demo(model, processor, args.device)
     demo.queue().launch(server_name=args.server_name, server_port=args.server_port, show_error=True)

@@ -73,7 +73,7 @@ def check_remote_code_allowed(name_or_path: str | Path, trust_remote_code: bool,
 
 
 def add_float32_matmul_precision_argument(parser) -> None:
-    """`--float32_matmul_precision`, as train_accelerate.py, evaluate.py and predict.py take it."""
+    """`--float32_matmul_precision`, as train_accelerate.py, evaluate.py, predict.py and app.py take it."""
     parser.add_argument(
         "--float32_matmul_precision", choices=("highest", "high", "medium"), default=None,
         help="torch.set_float32_matmul_precision for the run (default: PyTorch's, 'highest'). 'high' and 'medium' "

@@ -37,7 +37,8 @@ def app_url(tmp_path_factory):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
            "GRADIO_TEMP_DIR": str(log.parent / "gradio")}
     with open(log, "w") as output:
-        server = subprocess.Popen([sys.executable, "app.py", "--server_name", "127.0.0.1", "--server_port", str(port)],
+        server = subprocess.Popen([sys.executable, "app.py", "--server_name", "127.0.0.1", "--server_port", str(port),
+                                   "--float32_matmul_precision", "medium"],
                                   cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -123,7 +124,7 @@ def test_api_returns_the_mask_predict_py_writes(app_url, tmp_path):
     )
     app_mask = np.asarray(PIL.Image.open(mask).convert("L")) > 127
     completed = subprocess.run([sys.executable, "predict.py", str(EXAMPLE), "--model", ".", "--threshold", "0.5",
-                                "--output_dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                                "--float32_matmul_precision", "medium", "--output_dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
                                timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     predicted = np.asarray(PIL.Image.open(tmp_path / f"{EXAMPLE.stem}_mask.png")) > 127
