@@ -1,7 +1,7 @@
 # `make demo` segments the bundled example frames with the shipped checkpoint; `make app` serves the Gradio demo on
 # 127.0.0.1 (APP_PORT, default 7860); `make test` runs the whole suite.
-# `make train-cpu` runs (or, run again, resumes) the CPU long run that trains the next weights. All create .venv and
-# install the pinned requirements first if needed.
+# `make train-cpu` runs (or, run again, resumes) the CPU long run that trains the next weights; `make release` ships
+# its last snapshot. All create .venv and install the pinned requirements first if needed.
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -11,7 +11,7 @@ TRAIN_OUTPUT_DIR ?= runs/cpu-v2
 # Committed at the end of every session: where the CPU long run goes on when its checkpoints are gone (a new machine).
 TRAIN_SNAPSHOT_DIR ?= snapshots/cpu-v2
 
-.PHONY: install demo app test test-all train-cpu
+.PHONY: install demo app test test-all train-cpu release
 
 install: $(VENV)/.installed
 
@@ -55,3 +55,19 @@ train-cpu: install
 	  --seed 60 \
 	  --checkpointing_steps epoch --save_total_limit 2 --report_to tensorboard \
 	  --resume_from_checkpoint latest --snapshot_dir $(TRAIN_SNAPSHOT_DIR)
+
+# When the long run has ended: its last snapshot (the final EMA weights, stored in fp16 with tensors beyond fp16's range
+# in fp32; config.json's dtype float32 loads them as float32) becomes the shipped model, the run's logs become
+# training/$(RELEASE_STAGE), and the card's figures are measured again and regenerated.
+RELEASE_FROM ?= $(TRAIN_SNAPSHOT_DIR)
+RELEASE_STAGE ?= stage10
+EVALUATE = $(BIN)/python evaluate.py --model . --dataset_name $(KVASIR_SEG_DIR)
+
+release: install
+	cp $(RELEASE_FROM)/model.safetensors $(RELEASE_FROM)/config.json .
+	mkdir -p training/$(RELEASE_STAGE)
+	cp $(RELEASE_FROM)/metrics.jsonl $(RELEASE_FROM)/invocations.jsonl training/$(RELEASE_STAGE)/
+	$(EVALUATE) --split validation --output_json eval/validation.json
+	$(EVALUATE) --split test --output_json eval/test.json
+	$(EVALUATE) --split test --tta --output_json eval/test_tta.json
+	$(BIN)/python make_model_card.py --dataset_name $(KVASIR_SEG_DIR)

@@ -128,14 +128,24 @@ def training_summary(stages: list[dict]) -> tuple[int, float]:
     return sum(len(stage["epochs"]) for stage in stages), sum(stage_hours(stage) for stage in stages)
 
 
+def validation_dice(epoch: dict, prefix: str = "eval") -> float:
+    """The epoch's mean Dice, NaN where its loss was not finite: non-finite weights score 0 without being measured
+    (epochs 60-64 of stage10, validated with a BatchNorm variance stored as inf)."""
+    return epoch[f"{prefix}_mean_dice"] if np.isfinite(epoch[f"{prefix}_loss"]) else float("nan")
+
+
+def best_epoch(stage: dict) -> dict:
+    return max((e for e in stage["epochs"] if np.isfinite(validation_dice(e))), key=validation_dice)
+
+
 def curve_shape(stage: dict) -> str:
     # Only the last stage: earlier stages may validate at another resolution, so their Dice is not comparable.
-    dice = [e["eval_mean_dice"] for e in stage["epochs"]]
-    best_at = int(np.argmax(dice))
+    dice = [validation_dice(e) for e in stage["epochs"]]
+    best = best_epoch(stage)
     recent = dice[-3:]
-    if best_at >= len(dice) - 2 and len(dice) > 3:
-        return f"still rising (best {max(dice):.4f} in the last two epochs)"
-    return (f"flattening (best {max(dice):.4f} at epoch {best_at + 1} of {len(dice)}; last epochs "
+    if best["epoch"] >= stage["epochs"][-2]["epoch"] and len(dice) > 3:
+        return f"still rising (best {best['eval_mean_dice']:.4f} in the last two epochs)"
+    return (f"flattening (best {best['eval_mean_dice']:.4f} at epoch {best['epoch']} of {len(dice)}; last epochs "
             f"{', '.join(f'{d:.3f}' for d in recent)})")
 
 
@@ -147,9 +157,16 @@ def render_status(test: dict, validation: dict, stages: list[dict]) -> str:
         f"**Status.** Trained from scratch (no ImageNet weights) on a 2-core CPU: {epochs} epochs, "
         f"{hours:.1f} hours of training. Test mean Dice **{mean_dice:.4f}** (validation {validation['metrics']['mean_dice']:.4f}) "
         f"at {test['resolution']}x{test['resolution']}, which {verdict} the project's target of {TARGET_MEAN_DICE}; "
-        f"the last stage's validation curve is {curve_shape(stages[-1])}. The seed recipe with ImageNet weights on a "
-        "GPU (see Training) is the way to published-level figures; training continues in stages."
+        f"the last stage's validation curve is {curve_shape(stages[-1])}. {schedule_state(stages[-1])} The seed "
+        "recipe with ImageNet weights on a GPU (see Training) is the way to published-level figures."
     )
+
+
+def schedule_state(stage: dict) -> str:
+    planned, done = stage["invocations"][-1]["num_train_epochs"], len(stage["epochs"])
+    if done >= planned:
+        return f"That stage ran its whole schedule ({planned} epochs)."
+    return f"These weights are from epoch {done} of that stage's {planned}-epoch schedule, which goes on."
 
 
 def render_results(results: list[dict], has_figure: bool) -> str:
@@ -182,19 +199,23 @@ def render_cpu_recipe(stages: list[dict]) -> str:
     for stage in stages:
         epochs = stage["epochs"]
         hours = stage_hours(stage)
-        best = max(epochs, key=lambda e: e["eval_mean_dice"])
+        best = best_epoch(stage)
         config = stage["invocations"][-1]
         recipe = f", {config['train_crop_size']}x{config['train_crop_size']} crops" if config.get("train_crop_size") else ""
         if config.get("train_scale"):
             recipe += ", random resized crops of {:.0%}–{:.0%} of the area".format(*config["train_scale"])
         if config.get("model_ema_decay"):
             recipe += f", weights averaged (EMA decay {config['model_ema_decay']})"
+        # A resumed run repeats its command; each distinct one is shown once, in the order first run.
+        commands = list(dict.fromkeys(i["command"] for i in stage["invocations"]))
+        sittings = len(stage["invocations"])
         lines.append(
             f"- **{stage['name']}**: {len(epochs)} epochs at {config['resolution']}x{config['resolution']}{recipe}, "
-            f"batch {config['total_batch_size']}, learning rate {config['learning_rate']}, {hours:.2f} h; best "
-            f"validation mDice {best['eval_mean_dice']:.4f} at epoch {best['epoch']}."
+            f"batch {config['total_batch_size']}, learning rate {config['learning_rate']}, {hours:.2f} h"
+            f"{f' in {sittings} sittings (resumed)' if sittings > 1 else ''}; best validation mDice "
+            f"{best['eval_mean_dice']:.4f} at epoch {best['epoch']}."
         )
-        lines.append("\n  ```bash\n" + "\n".join(f"  {i['command']}" for i in stage["invocations"]) + "\n  ```")
+        lines.append("\n  ```bash\n" + "\n".join(f"  {command}" for command in commands) + "\n  ```")
     lines.append("\nEvery stage's `metrics.jsonl` and commands are in `training/`. To continue from the shipped "
                  "weights: `--init_from .` (a new schedule) or, with the stage's checkpoints, "
                  "`--resume_from_checkpoint latest`.")
@@ -223,7 +244,11 @@ def plot_training_curves(stages: list[dict], path: Path) -> None:
     fig, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_axis.plot(x, [e["train_loss"] for e in epochs], label="training loss")
     loss_axis.plot(x, [e["eval_loss"] for e in epochs], label="validation loss")
-    dice_axis.plot(x, [e["eval_mean_dice"] for e in epochs], color="tab:green", label="validation mean Dice")
+    dice_axis.plot(x, [validation_dice(e) for e in epochs], color="tab:green", label="validation mean Dice")
+    # Stages that also scored a fixed training subset (no augmentation) show whether they under- or overfit.
+    subset = [validation_dice(e, "train_eval") if "train_eval_loss" in e else float("nan") for e in epochs]
+    if not np.isnan(subset).all():
+        dice_axis.plot(x, subset, color="tab:blue", label="training subset mean Dice")
     # Headroom above the Dice curve for the stage labels.
     bottom, top = dice_axis.get_ylim()
     dice_axis.set_ylim(bottom, top + 0.2 * (top - bottom))
@@ -241,7 +266,7 @@ def plot_training_curves(stages: list[dict], path: Path) -> None:
         start += len(stage["epochs"])
     # Both curves fall (loss) or rise (Dice) from left to right, leaving those corners free for the legend.
     for axis, title, corner in ((loss_axis, "BCE + Dice loss", "upper right"),
-                                (dice_axis, "validation mean Dice", "lower right")):
+                                (dice_axis, "mean Dice", "lower right")):
         axis.set_xlabel("epoch")
         axis.set_title(title)
         axis.grid(alpha=0.3)
@@ -251,28 +276,34 @@ def plot_training_curves(stages: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_test_predictions(dataset_name: str, num_examples: int, path: Path) -> None:
-    """Test frames across the range of Dice (worst, evenly spaced ranks, best), not only good ones."""
+def plot_test_predictions(dataset_name: str, test: dict, num_examples: int, path: Path) -> None:
+    """Test frames across the range of Dice (worst, evenly spaced ranks, best), not only good ones: ranked by the
+    per-image Dice of `eval/test.json`, so the figure shows the frames behind the card's table."""
+    ranked = sorted(test["per_image"], key=lambda image: image["dice"])
+    chosen = [ranked[rank] for rank in np.linspace(0, len(ranked) - 1, num_examples).round().astype(int)]
+    samples = {sample.name: sample for sample in load_local_splits(dataset_name)[0]["test"]}
+    missing = [image["name"] for image in chosen if image["name"] not in samples]
+    if missing:
+        raise ValueError(f"{dataset_name}: test frame(s) {', '.join(missing)} of eval/test.json are not in its test "
+                         "split: evaluate.py ran on other data.")
     model, processor = load_model_and_processor(REPO_ROOT)
-    scored = []
-    for sample in load_local_splits(dataset_name)[0]["test"]:
-        image, truth = decode_sample(sample, resolution=256)
-        frame = image.permute(1, 2, 0).numpy()
+    fig, axes = plt.subplots(1, num_examples, figsize=(3 * num_examples, 3.4))
+    for axis, image in zip(np.atleast_1d(axes), chosen):
+        frame, truth = decode_sample(samples[image["name"]], resolution=test["resolution"])
+        frame = frame.permute(1, 2, 0).numpy()
         with torch.inference_mode():
             outputs = model(**processor(images=frame, return_tensors="pt"))
         prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[truth.shape])[0].numpy()
         prediction, truth = prediction.astype(bool), truth.numpy().astype(bool)
         dice = 2 * (prediction & truth).sum() / max(prediction.sum() + truth.sum(), 1)
-        scored.append((dice, sample.name, frame, prediction, truth))
-    scored.sort(key=lambda item: item[0])
-    ranks = np.linspace(0, len(scored) - 1, num_examples).round().astype(int)
-    fig, axes = plt.subplots(1, num_examples, figsize=(3 * num_examples, 3.4))
-    for axis, rank in zip(np.atleast_1d(axes), ranks):
-        dice, _, frame, prediction, truth = scored[rank]
+        if abs(dice - image["dice"]) > 0.01:
+            raise ValueError(f"{image['name']}: Dice {dice:.3f} here but {image['dice']:.3f} in eval/test.json: "
+                             "run evaluate.py again on these weights.")
         axis.imshow(overlay_mask(frame, prediction))
         axis.contour(truth, levels=[0.5], colors="blue", linewidths=1.2)
-        place = "worst" if rank == 0 else "best" if rank == len(scored) - 1 else f"rank {rank + 1}/{len(scored)}"
-        axis.set_title(f"{place}: Dice {dice:.3f}", fontsize=10)
+        rank = ranked.index(image)
+        place = "worst" if rank == 0 else "best" if rank == len(ranked) - 1 else f"rank {rank + 1}/{len(ranked)}"
+        axis.set_title(f"{place}: Dice {image['dice']:.3f}", fontsize=10)
         axis.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -314,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_training_curves(stages, assets / "training_curves.png")
     has_figure = args.dataset_name is not None
     if has_figure:
-        plot_test_predictions(args.dataset_name, args.num_examples, assets / "test_predictions.png")
+        plot_test_predictions(args.dataset_name, test, args.num_examples, assets / "test_predictions.png")
 
     text = readme.read_text()
     text = replace_model_index(text, test)

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -250,6 +251,15 @@ def together(dataset, args, best: dict) -> dict:
             "train_variant": best["variant"]}
 
 
+def cpu_name() -> str:
+    """The CPU's model name and widest vector unit ("AMD EPYC, AVX-512"): `platform.processor()` only says "x86_64"."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(re.findall(r"^(model name|flags)\s*:\s*(.*)$", cpuinfo, flags=re.MULTILINE))
+    flags = set(fields.get("flags", "").split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return ", ".join(filter(None, [fields.get("model name") or platform.machine(), vector]))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dataset = build_dataset(args)
@@ -259,9 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
     steps = step_alone(args, side)
     best = max(steps, key=lambda result: result["frames_per_second"])
     combined = together(dataset, args, best)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
     result = {
-        "device": args.device, "device_name": device_name or platform.machine(), "cores": os.cpu_count(),
+        "device": args.device, "device_name": device_name, "cores": os.cpu_count(),
         "torch": torch.__version__, "batch_size": args.per_device_train_batch_size, "crop": side,
         **pipeline, "matrix_products": products, "step_alone": steps, **combined,
         "command": " ".join(["python benchmarks/bench_train.py", *(argv if argv is not None else sys.argv[1:])]),

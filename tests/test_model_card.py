@@ -3,9 +3,11 @@
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import PIL.Image
 import pytest
 from conftest import REPO_ROOT
@@ -130,6 +132,49 @@ def test_card_refuses_a_stage_without_its_commands(tmp_path):
     (tmp_path / "stage1" / "invocations.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"stage1/invocations\.jsonl is empty"):
         load_stages(tmp_path)
+
+
+def test_card_leaves_out_epochs_whose_validation_was_not_finite():
+    """Non-finite weights score Dice 0 with a NaN loss: such epochs are gaps in the curve, not its best or worst."""
+    from make_model_card import best_epoch, curve_shape, validation_dice
+
+    dice_and_loss = [(0.70, 0.30), (0.71, 0.29), (0.0, float("nan")), (0.0, float("nan")), (0.72, 0.28), (0.715, 0.28)]
+    stage = {"epochs": [{"epoch": i + 1, "eval_mean_dice": dice, "eval_loss": loss}
+                        for i, (dice, loss) in enumerate(dice_and_loss)]}
+    assert [np.isnan(validation_dice(e)) for e in stage["epochs"]] == [False, False, True, True, False, False]
+    assert best_epoch(stage)["epoch"] == 5
+    assert curve_shape(stage) == "still rising (best 0.7200 in the last two epochs)"
+    stage["epochs"].append({"epoch": 7, "eval_mean_dice": 0.71, "eval_loss": 0.29})
+    assert curve_shape(stage) == "flattening (best 0.7200 at epoch 5 of 7; last epochs 0.720, 0.715, 0.710)"
+
+
+def test_card_is_what_make_model_card_writes_from_the_committed_measurements(shipped_weights, kvasir_root, tmp_path):
+    """The card's generated parts (model-index, status, results, recipe, fit probe, training speed) and its figures
+    come from make_model_card.py: run on the committed files, it leaves the card as committed."""
+    from make_model_card import main
+
+    readme = tmp_path / "README.md"
+    shutil.copyfile(README, readme)
+    main(["--readme", str(readme), "--assets_dir", str(tmp_path / "assets"), "--dataset_name", str(kvasir_root)])
+    assert readme.read_text() == README.read_text(), "README.md differs from what make_model_card.py writes: run it"
+    for name in ("training_curves.png", "test_predictions.png"):
+        with PIL.Image.open(tmp_path / "assets" / name) as drawn, PIL.Image.open(REPO_ROOT / "assets" / name) as kept:
+            assert drawn.size == kept.size
+
+
+def test_card_figure_refuses_an_evaluation_of_other_data(shipped_weights, kvasir_root, tmp_path):
+    from make_model_card import main
+
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(REPO_ROOT / "eval", eval_dir)
+    test = json.loads((eval_dir / "test.json").read_text())
+    test["per_image"][0].update(name="not-a-kvasir-frame", dice=0.0)  # the worst frame: always drawn
+    (eval_dir / "test.json").write_text(json.dumps(test))
+    shutil.copyfile(README, tmp_path / "README.md")
+    with pytest.raises(ValueError, match="not-a-kvasir-frame.*not in its test split"):
+        main(["--readme", str(tmp_path / "README.md"), "--eval_dir", str(eval_dir), "--assets_dir",
+              str(tmp_path / "assets"), "--dataset_name", str(kvasir_root)])
+    assert (tmp_path / "README.md").read_text() == README.read_text()
 
 
 def test_card_training_speed_table_is_the_committed_benchmark():
