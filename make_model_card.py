@@ -130,7 +130,7 @@ def training_summary(stages: list[dict]) -> tuple[int, float]:
 
 def validation_dice(epoch: dict, prefix: str = "eval") -> float:
     """The epoch's mean Dice, NaN where its loss was not finite: non-finite weights score 0 without being measured
-    (epochs 60-64 of stage10, validated with a BatchNorm variance stored as inf)."""
+    (epochs 60-64 of the v2 long run, validated with a BatchNorm variance stored as inf)."""
     return epoch[f"{prefix}_mean_dice"] if np.isfinite(epoch[f"{prefix}_loss"]) else float("nan")
 
 

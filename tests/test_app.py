@@ -124,8 +124,8 @@ def test_api_returns_the_mask_predict_py_writes(app_url, tmp_path):
     )
     app_mask = np.asarray(PIL.Image.open(mask).convert("L")) > 127
     completed = subprocess.run([sys.executable, "predict.py", str(EXAMPLE), "--model", ".", "--threshold", "0.5",
-                                "--float32_matmul_precision", "medium", "--output_dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=600)
+                                "--float32_matmul_precision", "medium", "--output_dir", str(tmp_path)],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     predicted = np.asarray(PIL.Image.open(tmp_path / f"{EXAMPLE.stem}_mask.png")) > 127
     assert app_mask.shape == predicted.shape and app_mask.any()
