@@ -9,7 +9,8 @@ For this model and its peers, segmentation_models_pytorch's `Unet("tu-convnext_t
 (random weights, one output class), it measures at `--resolution` (default 256x256):
 
 * inference latency at batch 1 and throughput (images/s) at `--batch_size` (default 8), in fp32: eager PyTorch, eager
-  in channels-last memory format, `torch.compile`, and ONNX Runtime (CPU) on the export `export_onnx.py` makes;
+  in channels-last memory format (also with float32 matmul precision `medium`), `torch.compile`, and ONNX Runtime
+  (CPU) on the export `export_onnx.py` makes;
 * training throughput: forward, backward and an AdamW step at `--batch_size`, with this model's BCE + Dice loss; for
   this model also in channels-last memory format and channels-last with the forward compiled, as
   `train_accelerate.py --channels_last [--torch_compile]` trains;
@@ -52,13 +53,13 @@ README_START = "<!-- performance:start -->"
 README_END = "<!-- performance:end -->"
 # The same tiny configuration as the tests' (`tests/conftest.py`).
 TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
-VARIANTS = ("eager", "channels_last", "compile", "onnxruntime")
+VARIANTS = ("eager", "channels_last", "channels_last_medium", "compile", "onnxruntime")
 # This model's training step in the forms `train_accelerate.py` offers (and the `--skip` names that leave each out);
 # the peers train eagerly only.
 TRAINING_VARIANTS = {"eager": (), "channels_last": ("channels_last",),
                      "channels_last_compile": ("channels_last", "compile")}
 PEERS = ("smp", "monai")
-SKIPPABLE = (*PEERS, "channels_last", "compile", "onnxruntime", "training")
+SKIPPABLE = (*PEERS, "channels_last", "channels_last_medium", "compile", "onnxruntime", "training")
 OURS = "Attention U-Net (ours)"
 PEER_NAMES = {"smp": "smp Unet", "monai": "MONAI AttentionUnet"}
 # FMA units per core are not in /proc/cpuinfo; two is right for Intel cores since Haswell (most AVX-512 server parts)
@@ -235,9 +236,20 @@ def make_runner(variant: str, module: nn.Module, args, export: Callable[[str], o
     """A `pixel_values -> logits` callable for one variant (its set-up time excluded from the figures)."""
     if variant == "eager":
         return lambda x: module(x)
-    if variant == "channels_last":
+    if variant in ("channels_last", "channels_last_medium"):
         converted = copy.deepcopy(module).to(memory_format=torch.channels_last)
-        return lambda x: converted(x.contiguous(memory_format=torch.channels_last))
+        precision = "medium" if variant == "channels_last_medium" else torch.get_float32_matmul_precision()
+
+        def run(x):
+            # Set per call and restored, so that no other variant or peer runs under it.
+            previous = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(precision)
+            try:
+                return converted(x.contiguous(memory_format=torch.channels_last))
+            finally:
+                torch.set_float32_matmul_precision(previous)
+
+        return run
     if variant == "compile":
         # Static shapes: one specialised graph per batch size, as a deployment with fixed batches would use.
         compiled = torch.compile(module, backend=args.compile_backend, dynamic=False)
@@ -398,6 +410,9 @@ def markdown_table(report: dict) -> str:
 
     mode_notes = {
         "channels_last": "*channels_last*: eager in channels-last memory format",
+        "channels_last_medium": "*channels_last_medium*: the same with `torch.set_float32_matmul_precision(\"medium\")`"
+                                " (`--channels_last --float32_matmul_precision medium` of predict.py and evaluate.py;"
+                                " on CPUs without AMX the products stay float32, sent to oneDNN instead of MKL)",
         "compile": f"*compile*: `torch.compile` with backend `{settings['compile_backend']}`, static shapes",
         "onnxruntime": "*onnxruntime*: the `export_onnx.py` export (dynamic batch, height and width) on ONNX Runtime's "
                        "CPU execution provider",

@@ -41,7 +41,7 @@ def test_tiny_benchmark_writes_json_and_readme(tmp_path):
                                            ("MONAI AttentionUnet", "monai")) if _importable(module)]
     assert set(results) == {ours["model"], *installed}
     for entry in report["results"]:
-        assert set(entry["variants"]) == {"eager", "channels_last", "compile"}
+        assert set(entry["variants"]) == {"eager", "channels_last", "channels_last_medium", "compile"}
         for variant, figures in entry["variants"].items():
             assert "error" not in figures, (entry["model"], variant, figures.get("error"))
             assert figures["latency_ms"] > 0 and figures["throughput"] > 0
