@@ -194,8 +194,8 @@ def render_results(results: list[dict], has_figure: bool) -> str:
 
 def render_cpu_recipe(stages: list[dict]) -> str:
     lines = ["The shipped weights were trained in these stages, each starting from the previous one's weights "
-             "(`--init_from` names the previous stage's `--output_dir`; `.` is the checkpoint shipped at the root "
-             "when the stage started), with these commands:\n"]
+             "(`--init_from` names the previous stage's `--output_dir`, `--init_encoder_from` takes its encoder alone; "
+             "`.` is the checkpoint shipped at the root when the stage started), with these commands:\n"]
     for stage in stages:
         epochs = stage["epochs"]
         hours = stage_hours(stage)

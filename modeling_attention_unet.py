@@ -92,7 +92,7 @@ class AttentionUNetAttentionGate(nn.Module):
 class AttentionUNetDecoderBlock(GradientCheckpointingLayer):
     """One decoder stage: 2x upsampling, the gated skip concatenated (when the encoder has one at this resolution),
     then two 3x3 convolutions. `config.decoder_upsampling` picks nearest-neighbour upsampling of the whole coarse
-    feature (as smp's U-Net) or a learned transposed convolution to `out_channels` (the shipped v1 weights)."""
+    feature (as smp's U-Net) or a learned transposed convolution to `out_channels` (the v1 weights, stages 1-9)."""
 
     def __init__(self, config: AttentionUNetConfig, in_channels: int, skip_channels: int, out_channels: int):
         super().__init__()

@@ -38,7 +38,6 @@ from segmentation_inference import check_remote_code_arguments  # noqa: E402
 from segmentation_training import build_optimizer  # noqa: E402
 
 TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
-V2_DECODER = {"decoder_upsampling": "nearest", "attention_gate_output_transform": True}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,7 +125,7 @@ def on_device(args) -> float:
 def build_model(args):
     from transformers import AutoConfig, AutoModel
 
-    overrides = {**V2_DECODER, **(TINY_OVERRIDES if args.tiny else {})}
+    overrides = TINY_OVERRIDES if args.tiny else {}
     config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=True, **overrides)
     return AutoModel.from_config(config, trust_remote_code=True).to(args.device).train()
 

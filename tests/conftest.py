@@ -11,7 +11,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 KVASIR_SEG_DIR = Path(os.environ.get("KVASIR_SEG_DIR", REPO_ROOT.parent / "shared" / "data" / "kvasir-seg"))
 # A small timm encoder keeps most tests fast; tests marked for the default architecture use `convnext_tiny`.
 TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
-# The two decoders a config can build: the root config.json's (the shipped v1 weights') and the class defaults.
+# The two decoders a config can build: the first version's (the v1 weights of stages 1-9) and the class defaults
+# (the root config.json's, the shipped weights').
 DECODER_VARIANTS = {
     "v1-transposed-conv": {"decoder_upsampling": "transposed_conv", "attention_gate_output_transform": False},
     "nearest-output-transform": {"decoder_upsampling": "nearest", "attention_gate_output_transform": True},
