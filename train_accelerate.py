@@ -351,7 +351,10 @@ def dataloader_settings(args: argparse.Namespace, accelerator: Accelerator) -> d
     workers = args.dataloader_num_workers
     if workers is None:
         workers = min(8, max(1, (os.cpu_count() or 1) // accelerator.num_processes)) if on_gpu else 0
-    return {"num_workers": workers, "pin_memory": on_gpu}
+    # Their own generator: a new iterator draws its workers' base seed from it, not from the global RNG that
+    # stochastic depth draws from, so a run resumed mid-epoch (a new iterator) keeps the global RNG's sequence.
+    generator = torch.Generator().manual_seed(args.seed)
+    return {"num_workers": workers, "pin_memory": on_gpu, "generator": generator}
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
