@@ -863,7 +863,7 @@ def main(argv: list[str] | None = None) -> None:
     repair_batch_norm_statistics(accelerator, model, model_ema, train_dataset, args)
     state = state or {
         "epoch": args.start_epoch, "step_in_epoch": 0, "completed_steps": args.start_epoch * steps_per_epoch,
-        "best_dice": -1.0, "best_epoch": None,
+        "best_dice": -1.0, "best_epoch": None, "first_epoch": args.start_epoch + 1,
     }
     pusher = HubPusher(args) if args.push_to_hub and accelerator.is_main_process else None
     checkpoint_every = None if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps)
@@ -981,7 +981,12 @@ def main(argv: list[str] | None = None) -> None:
         if not pusher.finish(f"end of training: best validation mDice {state['best_dice']:.4f}"):
             logger.warning(f"The final push failed; {args.output_dir} is complete and can be pushed again.")
     accelerator.wait_for_everyone()
-    logger.info(f"Best validation mDice {state['best_dice']:.4f} at epoch {state['best_epoch']}; model in {args.output_dir}.")
+    # A run that went on from saved weights (a snapshot, --start_epoch) only compared the epochs it ran itself.
+    first_epoch = state.get("first_epoch", 1)
+    scope = "" if first_epoch == 1 else (f" of epochs {first_epoch}-{num_train_epochs} (this run went on from saved "
+                                         f"weights at epoch {first_epoch - 1}; {METRICS_FILE} has every epoch)")
+    logger.info(f"Best validation mDice {state['best_dice']:.4f} at epoch {state['best_epoch']}{scope}; model in "
+                f"{args.output_dir}.")
     # Last: it tears down the process group that `wait_for_everyone` needs.
     accelerator.end_training()
 

@@ -424,6 +424,8 @@ def test_latest_continues_from_the_snapshot_where_the_checkpoints_are_gone(model
     completed = run_training(tmp_path / "run", kvasir_root, "--num_train_epochs", "4", "--model_ema_decay", "0.9",
                              "--resume_from_checkpoint", "latest", "--snapshot_dir", str(snapshot))
     assert f"continuing from the snapshot in {snapshot} at epoch 2 (step 8)" in completed.stderr
+    assert "of epochs 3-4 (this run went on from saved weights at epoch 2; metrics.jsonl has every epoch)" in \
+        completed.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in records] == [(1, 4), (2, 8), (3, 12), (4, 16)]
     optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1e-3)
