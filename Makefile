@@ -8,7 +8,8 @@ BIN = $(VENV)/bin
 
 KVASIR_SEG_DIR ?= ../shared/data/kvasir-seg
 TRAIN_OUTPUT_DIR ?= runs/cpu-v2
-# Committed at the end of every session: where the CPU long run goes on when its checkpoints are gone (a new machine).
+# Committed as the run went: where the CPU long run goes on when its checkpoints are gone (a new machine). The run has
+# ended and was released as stage 10; the committed copy is an earlier epoch of it.
 TRAIN_SNAPSHOT_DIR ?= snapshots/cpu-v2
 
 .PHONY: install demo app test test-all train-cpu release
@@ -39,8 +40,8 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest tests -q
 
-# One cosine schedule over 250 epochs: 160x160 crops of 256x256 frames with zoom jitter, the
-# last 12 epochs on whole frames; the new decoder on the encoder of the weights at the root; EMA of the weights;
+# One cosine schedule over 250 epochs: 160x160 crops of 256x256 frames with zoom jitter, the last 12 epochs on whole
+# frames; the v2 decoder on the encoder of the weights at the root when it started (stage 9's); EMA of the weights;
 # float32 matrix products through oneDNN (README: Training speed).
 # Resumes from the newest checkpoint in TRAIN_OUTPUT_DIR, else from TRAIN_SNAPSHOT_DIR (fp16 EMA weights, rewritten
 # after every epoch) at its epoch, else starts.
