@@ -1,10 +1,12 @@
 """Attention U-Net configuration."""
 
+import math
 import re
 
 import timm
 import transformers
 from transformers import PretrainedConfig
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 MINIMUM_TRANSFORMERS = (4, 57)
 if tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2]) < MINIMUM_TRANSFORMERS:
@@ -39,6 +41,14 @@ class AttentionUNetConfig(PretrainedConfig):
             transposed convolution to the stage's output channels (the v1 weights).
         num_channels (`int`, *optional*, defaults to 3):
             Number of input image channels.
+        image_mean (`list[float]`, *optional*, defaults to ImageNet's `[0.485, 0.456, 0.406]`):
+            Per-channel mean the model subtracts from `pixel_values` at the start of `forward`, which therefore takes
+            RGB values in [0, 1] (as `torchvision.transforms.functional.to_tensor` gives them). `None` (with
+            `image_std`): the model takes already-normalised values, the convention of every config saved before these
+            fields existed, which is what a saved config without them loads as.
+        image_std (`list[float]`, *optional*, defaults to ImageNet's `[0.229, 0.224, 0.225]`):
+            Per-channel standard deviation the model divides by after subtracting `image_mean`. Set both or neither;
+            with `num_channels` other than 3, the defaults are the average of ImageNet's, for every channel.
         image_size (`int`, *optional*, defaults to 256):
             Side of the square images the model is trained at (inputs of other sizes are padded, not rejected).
         num_output_channels (`int`, *optional*, defaults to 1):
@@ -79,6 +89,8 @@ class AttentionUNetConfig(PretrainedConfig):
         attention_gate_output_transform: bool = True,
         decoder_upsampling: str = "nearest",
         num_channels: int = 3,
+        image_mean: list[float] | tuple[float, ...] | None = IMAGENET_DEFAULT_MEAN,
+        image_std: list[float] | tuple[float, ...] | None = IMAGENET_DEFAULT_STD,
         image_size: int = 256,
         num_output_channels: int = 1,
         loss_alpha: float = 0.5,
@@ -97,6 +109,12 @@ class AttentionUNetConfig(PretrainedConfig):
         self.attention_gate_output_transform = attention_gate_output_transform
         self.decoder_upsampling = decoder_upsampling
         self.num_channels = num_channels
+        if num_channels != 3 and image_mean is IMAGENET_DEFAULT_MEAN and image_std is IMAGENET_DEFAULT_STD:
+            # timm's rule for an ImageNet model with other than three input channels: the channels' average.
+            image_mean = [sum(IMAGENET_DEFAULT_MEAN) / 3] * num_channels
+            image_std = [sum(IMAGENET_DEFAULT_STD) / 3] * num_channels
+        self.image_mean = image_mean
+        self.image_std = image_std
         self.image_size = image_size
         self.num_output_channels = num_output_channels
         self.loss_alpha = loss_alpha
@@ -113,6 +131,18 @@ class AttentionUNetConfig(PretrainedConfig):
             "pt": ["AutoModelForSemanticSegmentation"], "tf": [], "type": "image",
         }})
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # A saved config without the normalisation fields predates them: its model takes normalised input. Only a new
+        # config (built in code) gets the ImageNet defaults and normalises inside.
+        config_dict = {"image_mean": None, "image_std": None, **config_dict}
+        return super().from_dict(config_dict, **kwargs)
+
+    @property
+    def normalizes_inputs(self) -> bool:
+        """Whether the model normalises its `pixel_values` itself (they are then RGB in [0, 1])."""
+        return self.image_mean is not None
 
     def __setattr__(self, key, value):
         # Every field is checked as it is set, in `__init__` and after it (`from_pretrained(..., **overrides)` and
@@ -167,6 +197,20 @@ def _check_positive_int(name: str):
     return check
 
 
+def _check_channel_statistics(name: str, positive: bool):
+    def check(value):
+        if value is None:
+            return None
+        values = list(value) if isinstance(value, (list, tuple)) else None
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                             or (positive and v <= 0) for v in values):
+            kind = "positive numbers" if positive else "finite numbers"
+            raise ValueError(f"`{name}` must be None or a list of {kind}, one per input channel, got {value!r}.")
+        return [float(v) for v in values]
+
+    return check
+
+
 def _check_num_output_channels(value):
     if value != 1:
         raise ValueError(
@@ -183,6 +227,8 @@ _FIELD_CHECKS = {
     "decoder_upsampling": _check_in("decoder_upsampling", DECODER_UPSAMPLING_MODES),
     "attention_channels_ratio": _check_range("attention_channels_ratio", 0.0, 1.0, True, False),
     "num_channels": _check_positive_int("num_channels"),
+    "image_mean": _check_channel_statistics("image_mean", positive=False),
+    "image_std": _check_channel_statistics("image_std", positive=True),
     "image_size": _check_positive_int("image_size"),
     "num_output_channels": _check_num_output_channels,
     "loss_alpha": _check_range("loss_alpha", 0.0, 1.0, False, False),

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
-from segmentation_data import DEFAULT_DATASET, DataError, PolypSegmentationDataset, decode_samples, load_splits
+from segmentation_data import (
+    DEFAULT_DATASET, DataError, PolypSegmentationDataset, decode_samples, load_splits, processor_normalization,
+)
 from segmentation_inference import (
     add_float32_matmul_precision_argument, check_remote_code_arguments, load_model_and_processor, predict_logits,
 )
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     names, images, masks, problems = decode_samples(samples, args.resolution)
     if problems:
         raise DataError(f"{len(problems)} unusable sample(s) in the {args.split} split:\n  " + "\n  ".join(problems))
-    dataset = PolypSegmentationDataset(names, images, masks, processor.image_mean, processor.image_std)
+    dataset = PolypSegmentationDataset(names, images, masks, *processor_normalization(processor))
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size)
 
     counts, loss_sum = [], 0.0

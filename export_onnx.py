@@ -5,10 +5,12 @@ PyTorch with ONNX Runtime.
     python export_onnx.py --model . --output model.onnx
     python export_onnx.py --model . --output model.onnx --check_images frame1.jpg frame2.png --atol 1e-4
 
-The graph takes normalised `pixel_values` `(batch, 3, height, width)` (as `AttentionUNetImageProcessor` makes them, at
-any height and width: the model's padding to a multiple of its total stride is part of the graph) and returns `logits`
+The graph takes `pixel_values` `(batch, 3, height, width)` as `AttentionUNetImageProcessor` makes them (RGB in [0, 1],
+which the graph normalises, as the model does; at any height and width: the model's padding to a multiple of its total
+stride is part of the graph) and returns `logits`
 `(batch, 1, height, width)` and one `attention_<i>` gate coefficient map `(batch, 1, h_i, w_i)` per skip connection,
-coarsest first. The model's threshold and labels are stored in the ONNX metadata, where `predict.py --onnx` reads them.
+coarsest first. The model's threshold, labels and input convention (`pixel_values`, `image_mean`, `image_std`) are
+stored in the ONNX metadata, where `predict.py --onnx` reads them.
 
 The check runs the check images (by default two Kvasir-SEG frames or examples/ frames) through both runtimes at the
 processor's size and at a size that is not a multiple of 32, at batch sizes 1 and N, and prints the largest absolute
@@ -94,7 +96,7 @@ def check_export(onnx_path, model, processor, images: list, sizes: list[tuple[in
                                      return_tensors="pt")["pixel_values"]
         else:
             generator = torch.Generator().manual_seed(0)
-            pixel_values = torch.randn(2, model.config.num_channels, height, width, generator=generator)
+            pixel_values = torch.rand(2, model.config.num_channels, height, width, generator=generator)
         for batch in sorted({1, len(pixel_values)}):
             inputs = pixel_values[:batch].contiguous()
             with torch.no_grad():

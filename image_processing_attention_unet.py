@@ -1,4 +1,4 @@
-"""Image processor for the Attention U-Net: any image (and mask) to normalised RGB tensors, logits back to a mask."""
+"""Image processor for the Attention U-Net: any image (and mask) to RGB tensors in [0, 1], logits back to a mask."""
 
 import numpy as np
 import PIL.Image
@@ -86,8 +86,10 @@ class AttentionUNetImageProcessor(BaseImageProcessor):
     Prepares images (and, for training, their masks) for [`AttentionUNetForSemanticSegmentation`] and turns its logits
     into masks. Needs no torchvision.
 
-    Preprocessing converts every image to RGB (see `to_rgb_uint8`), resizes it to `size` (default 256x256, bilinear),
-    rescales to [0, 1] and normalises with the encoder's ImageNet mean and std. `segmentation_maps`, when given, are
+    Preprocessing converts every image to RGB (see `to_rgb_uint8`), resizes it to `size` (default 256x256, bilinear)
+    and rescales to [0, 1]; the model normalises them itself (its config's `image_mean` and `image_std`). With
+    `do_normalize=True` it also normalises with `image_mean` and `image_std`, for models whose config has no
+    statistics (saved before the model normalised its inputs). `segmentation_maps`, when given, are
     binarised (see `binarize_mask`), resized the same way and returned as `labels` `(B, height, width)` int64, ready
     for the model's loss and for `transformers.Trainer`.
     `post_process_semantic_segmentation` resizes the logits to each image's original size, then thresholds the
@@ -103,7 +105,7 @@ class AttentionUNetImageProcessor(BaseImageProcessor):
         resample: int = PILImageResampling.BILINEAR,
         do_rescale: bool = True,
         rescale_factor: float = 1 / 255,
-        do_normalize: bool = True,
+        do_normalize: bool = False,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         **kwargs,

@@ -1,6 +1,7 @@
 """Attention U-Net (Oktay et al., 2018) on a timm encoder, for binary semantic segmentation."""
 
 import math
+import warnings
 
 import timm
 import torch
@@ -19,6 +20,15 @@ except ImportError:
     from torch.nn import init
 
 ATTENTION_GATE_INITIAL_LOGIT = 3.0
+# How far outside [0, 1] the first input may reach before the model warns: resampling with overshoot (bicubic,
+# Lanczos) takes [0, 1] images a little past either end.
+UNIT_RANGE_SLACK = 0.25
+
+
+def _is_traced() -> bool:
+    """Whether this forward is being compiled, exported or traced (no host reads there)."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
 
 
 def attention_unet_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, smooth: float = 1.0) -> torch.Tensor:
@@ -38,6 +48,34 @@ def attention_unet_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float
         intersection = (probs * labels).sum(dim=1)
         dice = (2.0 * intersection + smooth) / (probs.sum(dim=1) + labels.sum(dim=1) + smooth)
         return alpha * bce + (1.0 - alpha) * (1.0 - dice.mean())
+
+
+class AttentionUNetPixelNormalization(nn.Module):
+    """`(pixel_values - mean) / std` per channel: RGB in [0, 1] to what the encoder was trained on. The statistics are
+    the config's, held as non-persistent buffers (they follow `.to()`, and no checkpoint needs to hold them)."""
+
+    def __init__(self, config: AttentionUNetConfig):
+        super().__init__()
+        if config.image_std is None or len(config.image_mean) != config.num_channels or len(
+                config.image_std) != config.num_channels:
+            raise ValueError(
+                f"`image_mean` {config.image_mean} and `image_std` {config.image_std} must both hold one value per "
+                f"input channel ({config.num_channels}), or both be None (inputs already normalised)."
+            )
+        self.image_mean, self.image_std = config.image_mean, config.image_std
+        self.register_buffer("mean", torch.empty(1, config.num_channels, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, config.num_channels, 1, 1), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Fills the buffers from the config (after `from_pretrained`, which may leave non-persistent buffers empty)."""
+        if not self.mean.is_meta:
+            self.mean.copy_(torch.tensor(self.image_mean).view_as(self.mean))
+            self.std.copy_(torch.tensor(self.image_std).view_as(self.std))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return (pixel_values - self.mean) / self.std
 
 
 class AttentionUNetConvNormAct(nn.Module):
@@ -234,6 +272,8 @@ class AttentionUNetPreTrainedModel(PreTrainedModel):
         mismatched = [entry[0] if isinstance(entry, (tuple, list)) else entry  # (name, shapes) tuples in some releases
                       for entry in loading_info["mismatched_keys"]]
         model._reset_recreated_encoder_tensors(mismatched)
+        if model.pixel_normalization is not None:
+            model.pixel_normalization.reset_buffers()
         return (model, loading_info) if output_loading_info else model
 
     @torch.no_grad()
@@ -262,6 +302,12 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
 
     def __init__(self, config: AttentionUNetConfig):
         super().__init__(config)
+        if config.image_mean is None and config.image_std is not None:
+            raise ValueError(f"`image_std` is {config.image_std} but `image_mean` is None: set both or neither.")
+        self.pixel_normalization = None
+        if config.normalizes_inputs:
+            self.pixel_normalization = AttentionUNetPixelNormalization(config)
+        self.input_range_checked = False
         # Never pretrained here: `from_pretrained` re-runs `__init__`, and ImageNet weights are loaded on request by
         # `load_encoder_pretrained_weights`.
         self.encoder = self._create_encoder(config)
@@ -314,6 +360,28 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
                 f"got {tuple(pixel_values.shape)}."
             )
 
+    def _warn_once_if_not_unit_range(self, pixel_values: torch.Tensor) -> None:
+        # Input scaled or normalised the wrong way runs without error and gives bad masks, so the first batch a model
+        # sees is checked; only that one, because reading its range waits for the device.
+        if self.input_range_checked or _is_traced():
+            return
+        self.input_range_checked = True
+        low, high = (float(value) for value in torch.aminmax(pixel_values.detach().float()))
+        if low >= -UNIT_RANGE_SLACK and high <= 1.0 + UNIT_RANGE_SLACK:
+            return
+        if low < -UNIT_RANGE_SLACK:
+            cause = ("they look normalised already: this model normalises them itself (`config.image_mean`, "
+                     "`config.image_std`), so they would be normalised twice")
+        elif high > 3.0:
+            cause = "they look like 0-255 values: divide by 255 (or use the image processor)"
+        else:
+            cause = "they are outside [0, 1]"
+        warnings.warn(
+            f"`pixel_values` range from {low:.3g} to {high:.3g}, but this model takes RGB values in [0, 1]: {cause}. "
+            "The image processor of this repository (`AutoImageProcessor`) prepares them as the model expects.",
+            stacklevel=2,
+        )
+
     def _pad_to_total_stride(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
         pad_height = -height % self.total_stride
@@ -355,7 +423,8 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
     ) -> SemanticSegmenterOutput | tuple:
         r"""
         pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
-            Normalised images, any height and width.
+            Images of any height and width: RGB in [0, 1], which the model normalises with `config.image_mean` and
+            `config.image_std`; or, where those are None (configs saved before they existed), already normalised.
         labels (`torch.Tensor` of shape `(batch_size, height, width)` or `(batch_size, 1, height, width)`, *optional*):
             Ground-truth masks with values in {0, 1}. When given, the output carries the BCE + Dice loss (plus the
             auxiliary heads' with `config.use_auxiliary_heads`).
@@ -373,6 +442,9 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self._check_pixel_values(pixel_values)
         height, width = pixel_values.shape[-2:]
+        if self.pixel_normalization is not None:
+            self._warn_once_if_not_unit_range(pixel_values)
+            pixel_values = self.pixel_normalization(pixel_values)
 
         # timm's stages have a switch of their own: follow the one transformers sets on the decoder blocks (through
         # `gradient_checkpointing_enable` or `activation_checkpointing_enable`, whichever the release has).

@@ -20,6 +20,7 @@ exit status is then 1.
 
 import argparse
 import glob
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,8 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from image_processing_attention_unet import to_rgb_uint8
 from segmentation_inference import (
-    VIDEO_EXTENSIONS, add_float32_matmul_precision_argument, check_remote_code_arguments, heat_map, load_model,
-    load_processor, overlay_mask, segment_frames, segment_video,
+    VIDEO_EXTENSIONS, add_float32_matmul_precision_argument, check_input_convention, check_remote_code_arguments, heat_map,
+    load_model, load_processor, overlay_mask, segment_frames, segment_video,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -133,6 +134,11 @@ class OnnxSegmenter:
             raise ValueError(f"{path} has no `logits` output; export it with export_onnx.py.")
 
     @property
+    def image_mean(self) -> list[float] | None:
+        """The statistics the graph normalises with; `None` for exports that take normalised input (older ones)."""
+        return json.loads(self.metadata["image_mean"]) if "image_mean" in self.metadata else None
+
+    @property
     def threshold(self) -> float | None:
         return float(self.metadata["threshold"]) if "threshold" in self.metadata else None
 
@@ -153,6 +159,7 @@ def load_segmenter(args: argparse.Namespace):
     processor = load_processor(source, args.revision, args.trust_remote_code)
     if args.onnx is not None:
         segmenter = OnnxSegmenter(args.onnx)
+        check_input_convention(segmenter, processor, f"--onnx {args.onnx} with the processor of {source}")
         if segmenter.threshold is not None:
             return segmenter, processor, segmenter.threshold
         config = AutoConfig.from_pretrained(source, revision=args.revision, trust_remote_code=True)
@@ -160,6 +167,7 @@ def load_segmenter(args: argparse.Namespace):
     if args.float32_matmul_precision:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model = load_model(args.model, args.revision, args.trust_remote_code).to(args.device).eval()
+    check_input_convention(model.config, processor, str(args.model))
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, processor, model.config.threshold

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -22,6 +23,7 @@ IMAGE_COLUMN_CANDIDATES = ("image", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("mask", "annotation", "label", "segmentation_mask")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 SPLIT_SEED = 42
+NEGATIVE_SPLITS = ("train", "validation")
 
 
 def split_official_validation(names: list[str], seed: int = SPLIT_SEED) -> tuple[list[str], list[str]]:
@@ -35,7 +37,8 @@ def split_official_validation(names: list[str], seed: int = SPLIT_SEED) -> tuple
 
 @dataclass
 class RawSample:
-    """An undecoded sample: `image` and `mask` are file paths, encoded bytes, or PIL images."""
+    """An undecoded sample: `image` and `mask` are file paths, encoded bytes, or PIL images; `mask` is `None` for a
+    polyp-free frame (an empty mask)."""
 
     name: str
     image: Any
@@ -146,6 +149,42 @@ def load_hub_splits(
     return splits, []
 
 
+def load_negative_splits(dataset_name: str, image_column_name: str | None = None) -> dict[str, list[RawSample]]:
+    """Polyp-free frames, whose masks are all empty (so none are stored): a local folder with `images/` and
+    `splits/train.txt`, `splits/validation.txt`, or a Hub dataset with `train` and `validation` splits of images.
+    Raises `DataError` naming what is missing."""
+    if Path(dataset_name).is_dir():
+        root = Path(dataset_name)
+        images = _files_by_stem(root / "images")
+        splits, problems = {}, []
+        for split in NEGATIVE_SPLITS:
+            path = root / "splits" / f"{split}.txt"
+            if not path.is_file():
+                raise DataError(f"{path} is missing: a folder of polyp-free frames needs images/ and "
+                                f"splits/{'.txt, splits/'.join(NEGATIVE_SPLITS)}.txt.")
+            names = _read_names(path)
+            problems += [f"{path} names {name!r}, which has no image in {root / 'images'}"
+                         for name in names if name not in images]
+            splits[split] = [RawSample(name, images[name], None, str(images[name])) for name in names if name in images]
+        if problems:
+            raise DataError(f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems))
+        return splits
+    import datasets
+
+    dataset = datasets.load_dataset(dataset_name)
+    missing = [split for split in NEGATIVE_SPLITS if split not in dataset]
+    if missing:
+        raise DataError(f"The dataset {dataset_name!r} has no {missing} split(s); its splits are {list(dataset)}.")
+    column = _find_column(dataset["train"].column_names, image_column_name, IMAGE_COLUMN_CANDIDATES, "image",
+                          dataset_name)
+    splits = {}
+    for split in NEGATIVE_SPLITS:
+        table = dataset[split].cast_column(column, datasets.Image(decode=False))
+        splits[split] = [RawSample(f"{split}-{row:05d}", table[row][column], None, f"{dataset_name}[{split}][{row}]")
+                         for row in range(len(table))]
+    return splits
+
+
 def load_splits(
     dataset_name: str, image_column_name: str | None = None, label_column_name: str | None = None
 ) -> tuple[dict[str, list[RawSample]], list[str]]:
@@ -169,9 +208,13 @@ def decode_sample(sample: RawSample, resolution: int | None) -> tuple[torch.Tens
     """Decodes one sample to a `(3, S, S)` uint8 image and an `(S, S)` bool mask (S = `resolution`, or the original
     size when `None`). Raises `DataError` naming the sample on any problem."""
     try:
-        with _open(sample.image) as image_file, _open(sample.mask) as mask_file:
+        with _open(sample.image) as image_file:
             image = to_rgb_uint8(image_file)
-            mask = binarize_mask(to_rgb_uint8(mask_file))
+        if sample.mask is None:  # a polyp-free frame
+            mask = np.zeros(image.shape[:2], dtype=bool)
+        else:
+            with _open(sample.mask) as mask_file:
+                mask = binarize_mask(to_rgb_uint8(mask_file))
     except (OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{sample.origin}: cannot be decoded ({error})") from error
     if image.shape[:2] != mask.shape:
@@ -207,6 +250,15 @@ def decode_samples(
             images.append(result[0])
             masks.append(result[1])
     return names, images, masks, problems
+
+
+def processor_normalization(processor) -> tuple[list[float] | None, list[float] | None]:
+    """The `(image_mean, image_std)` a dataset must apply to give `pixel_values` as `processor` makes them: the
+    processor's statistics where it normalises (models saved before they normalised their inputs), else `(None,
+    None)`: values in [0, 1], which the model normalises."""
+    if processor.do_normalize:
+        return processor.image_mean, processor.image_std
+    return None, None
 
 
 class MaskAlignedRandomResizedCrop(v2.RandomResizedCrop):
@@ -250,9 +302,76 @@ def training_augmentation(
     return v2.Compose(transforms)
 
 
+def _uniform_int(low: int, high: int, generator: torch.Generator) -> int:
+    """An integer in [low, high], drawn from `generator`."""
+    return low + int(torch.randint(high - low + 1, (1,), generator=generator))
+
+
+def polyp_free_box(mask: torch.Tensor, generator: torch.Generator, side_range: tuple[float, float] = (0.25, 0.6),
+                   margin: float = 0.04, attempts: int = 64) -> tuple[int, int, int] | None:
+    """A square `(top, left, side)` of a frame whose `(H, W)` mask it keeps clear of by `margin` of the frame's shorter
+    side, its side a `side_range` fraction of that side (border and on-screen text may fall inside: the cue must be
+    the polyp, not the frame's layout). `None` when `attempts` random squares all touch the polyp."""
+    height, width = mask.shape
+    shorter = min(height, width)
+    pad = max(1, round(margin * shorter))
+    near_polyp = F.max_pool2d(mask[None, None].float(), 2 * pad + 1, stride=1, padding=pad)[0, 0] > 0
+    # Summed-area table: the marked pixels inside any box in four look-ups.
+    table = F.pad(near_polyp.long().cumsum(0).cumsum(1), (1, 0, 1, 0))
+    low, high = (max(1, round(fraction * shorter)) for fraction in side_range)
+    for _ in range(attempts):
+        side = _uniform_int(low, high, generator)
+        top, left = _uniform_int(0, height - side, generator), _uniform_int(0, width - side, generator)
+        bottom, right = top + side, left + side
+        if table[bottom, right] - table[top, right] - table[bottom, left] + table[top, left] == 0:
+            return top, left, side
+    return None
+
+
+def polyp_closeup_box(mask: torch.Tensor, generator: torch.Generator,
+                      largest_side: float = 0.6) -> tuple[int, int, int] | None:
+    """A square `(top, left, side)` around the whole polyp of an `(H, W)` mask, at most `largest_side` of the frame's
+    shorter side where the polyp fits (else just large enough for it): a close-up that still holds the polyp, so that
+    "close-up" cannot become the cue for "no polyp". `None` for an empty mask."""
+    rows, columns = mask.any(dim=1).nonzero()[:, 0], mask.any(dim=0).nonzero()[:, 0]
+    if len(rows) == 0:
+        return None
+    height, width = mask.shape
+    top_row, bottom_row, left_column, right_column = int(rows[0]), int(rows[-1]), int(columns[0]), int(columns[-1])
+    needed = min(max(bottom_row - top_row, right_column - left_column) + 1, height, width)
+    side = _uniform_int(needed, max(needed, round(largest_side * min(height, width))), generator)
+    top = _uniform_int(max(0, bottom_row + 1 - side), max(0, min(top_row, height - side)), generator)
+    left = _uniform_int(max(0, right_column + 1 - side), max(0, min(left_column, width - side)), generator)
+    return top, left, side
+
+
+def crop_resized(image: torch.Tensor, mask: torch.Tensor, box: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(top, left, side)` square of a `(3, H, W)` uint8 image and its `(H, W)` bool mask, resized back to
+    `(H, W)`: the image bilinearly, the mask at pixel centres (as `MaskAlignedRandomResizedCrop`)."""
+    top, left, side = box
+    size = list(image.shape[-2:])
+    image = v2.functional.resized_crop(image, top, left, side, side, size, antialias=True)
+    mask = v2.functional.crop(mask[None].to(torch.uint8), top, left, side, side)
+    mask = v2.functional.resize(mask, size, interpolation=v2.InterpolationMode.NEAREST_EXACT)[0].bool()
+    return image, mask
+
+
+def polyp_free_crops(images: list[torch.Tensor], masks: list[torch.Tensor],
+                     seed: int = SPLIT_SEED) -> list[torch.Tensor]:
+    """One polyp-free crop (see `polyp_free_box`) of each frame that has room for one, drawn from `seed` and the
+    frame's position: fixed negatives for validation."""
+    crops = []
+    for index, (image, mask) in enumerate(zip(images, masks)):
+        box = polyp_free_box(mask, torch.Generator().manual_seed(hash((seed, index)) % 2**63))
+        if box is not None:
+            crops.append(crop_resized(image, mask, box)[0])
+    return crops
+
+
 class PolypSegmentationDataset(torch.utils.data.Dataset):
-    """Decoded images and masks kept in memory as uint8, normalised (and augmented, if `augmentation` is given) on
-    access. Each item's augmentation is drawn from its own generator seeded by (seed, epoch, index), so a resumed run
+    """Decoded images and masks kept in memory as uint8, rescaled to [0, 1] (and augmented, if `augmentation` is given)
+    on access; normalised too where `image_mean` and `image_std` are given (for models that take normalised input,
+    see `processor_normalization`). Each item's augmentation is drawn from its own generator seeded by (seed, epoch, index), so a resumed run
     sees exactly the augmentations the interrupted one would have.
 
     With `augment_on_access=False`, items are the raw uint8 `image`, `mask` and `index`, and `prepare_batch`
@@ -264,8 +383,8 @@ class PolypSegmentationDataset(torch.utils.data.Dataset):
         names: list[str],
         images: list[torch.Tensor],
         masks: list[torch.Tensor],
-        image_mean: tuple[float, ...],
-        image_std: tuple[float, ...],
+        image_mean: tuple[float, ...] | None = None,
+        image_std: tuple[float, ...] | None = None,
         augmentation: v2.Transform | None = None,
         seed: int = 0,
         augment_on_access: bool = True,
@@ -273,8 +392,8 @@ class PolypSegmentationDataset(torch.utils.data.Dataset):
         self.names = names
         self.images = images
         self.masks = masks
-        self.mean = torch.tensor(image_mean).view(-1, 1, 1)
-        self.std = torch.tensor(image_std).view(-1, 1, 1)
+        self.mean = None if image_mean is None else torch.tensor(image_mean).view(-1, 1, 1)
+        self.std = None if image_std is None else torch.tensor(image_std).view(-1, 1, 1)
         self.augmentation = augmentation
         self.seed = seed
         self.epoch = 0
@@ -286,21 +405,27 @@ class PolypSegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def source(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item `index`'s `(3, H, W)` uint8 image and `(H, W)` bool mask, before augmentation."""
+        return self.images[index], self.masks[index]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, mask = self.source(index)
         if not self.augment_on_access:
-            return {"image": self.images[index], "mask": self.masks[index].to(torch.uint8), "index": index}
-        return self.prepare(self.images[index], self.masks[index], index)
+            return {"image": image, "mask": mask.to(torch.uint8), "index": index}
+        return self.prepare(image, mask, index)
 
     def prepare(self, image: torch.Tensor, mask: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
-        """`(3, H, W)` uint8 image and `(H, W)` mask, on any device -> normalised `pixel_values` and float `labels`,
-        augmented with sample `index`'s draw of this epoch."""
+        """`(3, H, W)` uint8 image and `(H, W)` mask, on any device -> `pixel_values` (in [0, 1], or normalised) and
+        float `labels`, augmented with sample `index`'s draw of this epoch."""
         image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask[None].to(torch.uint8))
         if self.augmentation is not None:
             with torch.random.fork_rng(devices=[]):  # the parameters are drawn on the CPU, wherever the data is
                 torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
                 image, mask = self.augmentation(image, mask)
-        mean, std = self.mean.to(image.device), self.std.to(image.device)
-        pixel_values = (image.as_subclass(torch.Tensor).float() / 255.0 - mean) / std
+        pixel_values = image.as_subclass(torch.Tensor).float() / 255.0
+        if self.mean is not None:
+            pixel_values = (pixel_values - self.mean.to(image.device)) / self.std.to(image.device)
         return {"pixel_values": pixel_values, "labels": mask.as_subclass(torch.Tensor)[0].float()}
 
     def prepare_batch(self, batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -309,3 +434,52 @@ class PolypSegmentationDataset(torch.utils.data.Dataset):
         items = [self.prepare(image.to(device, non_blocking=True), mask.to(device, non_blocking=True), int(index))
                  for image, mask, index in zip(batch["image"], batch["mask"], batch["index"])]
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+class PolypMixtureDataset(PolypSegmentationDataset):
+    """Training data with polyp-free items mixed in. Items `0 .. len(images) - 1` are the polyp frames; the
+    `num_negatives` after them are polyp-free, each drawn anew every epoch from (seed, epoch, index): with
+    probability `own_crop_probability` a polyp-free crop of a random polyp frame (`polyp_free_box`), else a random
+    frame of `negative_images`. With `closeup_probability`, a polyp item is a close-up around its polyp
+    (`polyp_closeup_box`) instead of the whole frame. Then every item is augmented as in `PolypSegmentationDataset`,
+    so a shuffled epoch holds `negative_ratio` polyp-free items, and a resumed run draws exactly what the interrupted
+    one would have."""
+
+    def __init__(self, names: list[str], images: list[torch.Tensor], masks: list[torch.Tensor],
+                 negative_images: list[torch.Tensor], negative_ratio: float, own_crop_probability: float = 0.5,
+                 closeup_probability: float = 0.0, **kwargs):
+        super().__init__(names, images, masks, **kwargs)
+        if not 0.0 <= negative_ratio < 1.0:
+            raise ValueError(f"negative_ratio must lie in [0, 1), got {negative_ratio}.")
+        if negative_ratio > 0 and not negative_images and own_crop_probability < 1.0:
+            raise ValueError("negative_ratio > 0 with no polyp-free frames: give some, or own_crop_probability 1.")
+        self.negative_images = negative_images
+        self.num_negatives = round(len(images) * negative_ratio / (1.0 - negative_ratio))
+        self.own_crop_probability = own_crop_probability
+        self.closeup_probability = closeup_probability
+
+    def __len__(self) -> int:
+        return len(self.images) + self.num_negatives
+
+    def source(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # A stream of its own, apart from the augmentation's (seed, epoch, index) draw.
+        generator = torch.Generator().manual_seed(hash(("source", self.seed, self.epoch, index)) % 2**63)
+        if index < len(self.images):
+            image, mask = self.images[index], self.masks[index]
+            if float(torch.rand((), generator=generator)) < self.closeup_probability:
+                box = polyp_closeup_box(mask, generator)
+                if box is not None:
+                    image, mask = crop_resized(image, mask, box)
+            return image, mask
+        if not self.negative_images or float(torch.rand((), generator=generator)) < self.own_crop_probability:
+            # Frames with no room away from their polyp are passed over for the next one.
+            start = _uniform_int(0, len(self.images) - 1, generator)
+            for offset in range(len(self.images)):
+                image, mask = self.images[(start + offset) % len(self.images)], self.masks[(start + offset) % len(self.images)]
+                box = polyp_free_box(mask, generator)
+                if box is not None:
+                    return crop_resized(image, mask, box)
+            raise DataError("No polyp frame has room for a polyp-free crop.")
+        image = self.negative_images[_uniform_int(0, len(self.negative_images) - 1, generator)]
+        return image, torch.zeros(image.shape[-2:], dtype=torch.bool)
+

@@ -171,11 +171,29 @@ def load_processor(name_or_path: str | Path, revision: str | None = None, trust_
     return AutoImageProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=True)
 
 
+def check_input_convention(config, processor, where: str) -> None:
+    """Raises `ValueError` unless exactly one of `processor` and the model normalises the pixel values. `config` is
+    the model's config (or anything with its `image_mean`: an ONNX export's metadata); `where` names their source."""
+    model_normalizes = config.image_mean is not None
+    if model_normalizes and processor.do_normalize:
+        raise ValueError(
+            f"{where}: the image processor normalises (do_normalize true) and so does the model (config image_mean "
+            f"{config.image_mean}): the input would be normalised twice. Set the processor's do_normalize to false."
+        )
+    if not model_normalizes and not processor.do_normalize:
+        raise ValueError(
+            f"{where}: neither the image processor (do_normalize false) nor the model (config image_mean null) "
+            "normalises the pixel values. Set the config's image_mean and image_std, or the processor's do_normalize."
+        )
+
+
 def load_model_and_processor(name_or_path: str | Path, revision: str | None = None, trust_remote_code: bool = False,
                              device: str | torch.device = "cpu"):
     """The model in eval mode on `device`, and its image processor."""
     model = load_model(name_or_path, revision, trust_remote_code).to(device).eval()
-    return model, load_processor(name_or_path, revision, trust_remote_code)
+    processor = load_processor(name_or_path, revision, trust_remote_code)
+    check_input_convention(model.config, processor, str(name_or_path))
+    return model, processor
 
 
 def predict_logits(model, pixel_values: torch.Tensor, tta: bool = False) -> torch.Tensor:
@@ -427,16 +445,26 @@ def export_to_onnx(
     return output
 
 
+def onnx_input_metadata(config) -> dict[str, str]:
+    """What an export's `pixel_values` are, for the file's metadata: RGB in [0, 1] that the graph normalises with the
+    `image_mean` / `image_std` it records, or (models whose config has none) values already normalised."""
+    if config.image_mean is None:
+        return {"pixel_values": "normalised as the model's image processor does (do_normalize true)"}
+    return {"pixel_values": "RGB in [0, 1]; the graph normalises with image_mean and image_std",
+            "image_mean": json.dumps(config.image_mean), "image_std": json.dumps(config.image_std)}
+
+
 def export_model(model, output: str | os.PathLike, opset: int = DEFAULT_OPSET, source: str | None = None) -> Path:
     """Exports an `AttentionUNetForSemanticSegmentation` (logits and gate maps, dynamic batch, height and width)."""
     model = model.eval().float().cpu()
-    example = torch.randn(*EXAMPLE_SHAPE[:1], model.config.num_channels, *EXAMPLE_SHAPE[2:])
+    example = torch.rand(*EXAMPLE_SHAPE[:1], model.config.num_channels, *EXAMPLE_SHAPE[2:])
     with torch.no_grad():
         num_gates = len(model(pixel_values=example[:1], output_attentions=True).attentions)
     metadata = {
         "threshold": str(model.config.threshold),
         "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
         "image_size": str(model.config.image_size),
+        **onnx_input_metadata(model.config),
         "num_attention_maps": str(num_gates),
         "source_model": str(source or model.config.name_or_path or ""),
     }

@@ -64,3 +64,19 @@ def format_table(summary: dict[str, float], loss: float | None = None) -> str:
     if loss is not None:
         lines.append(f"| loss (BCE + Dice) | {loss:.4f} | |")
     return "\n".join(lines)
+
+
+# A polyp-free frame counts as a false alarm when more than this share of it is marked as polyp.
+FALSE_ALARM_AREA = 0.01
+
+
+def false_alarm_summary(counts: torch.Tensor) -> dict[str, float]:
+    """`(N, 4)` counts of polyp-free frames -> `false_alarm_rate` (frames with more than `FALSE_ALARM_AREA` of their
+    pixels marked), `any_pixel_rate` (frames with any marked pixel) and `mean_marked_fraction`."""
+    marked = (counts[:, 0] + counts[:, 1]).double() / counts.sum(dim=1).clamp(min=1).double()
+    return {
+        "false_alarm_rate": (marked > FALSE_ALARM_AREA).double().mean().item(),
+        "any_pixel_rate": (marked > 0).double().mean().item(),
+        "mean_marked_fraction": marked.mean().item(),
+    }
+

@@ -41,9 +41,12 @@ from segmentation_data import (
     PolypSegmentationDataset,
     decode_samples,
     load_splits,
+    processor_normalization,
     training_augmentation,
 )
-from segmentation_inference import add_float32_matmul_precision_argument, check_remote_code_arguments, load_model
+from segmentation_inference import (
+    add_float32_matmul_precision_argument, check_input_convention, check_remote_code_arguments, load_model,
+)
 from segmentation_metrics import confusion_counts, format_table, summarize
 from segmentation_training import build_optimizer
 
@@ -260,6 +263,7 @@ def load_config_and_processor(args: argparse.Namespace):
     config.image_size = args.resolution
     processor = AutoImageProcessor.from_pretrained(args.config_name, trust_remote_code=True)
     processor.size = {"height": args.resolution, "width": args.resolution}
+    check_input_convention(config, processor, f"--config_name {args.config_name}")
     return config, processor
 
 
@@ -317,7 +321,7 @@ def build_datasets(args: argparse.Namespace, processor, augment_on_device: bool 
     for split, (names, _, _) in decoded.items():
         if not names:
             raise DataError(f"The {split} split of {args.dataset_name} has no usable sample.")
-    mean, std = processor.image_mean, processor.image_std
+    mean, std = processor_normalization(processor)
     train = PolypSegmentationDataset(*decoded["train"], mean, std, training_augmentation_for(args, args.train_crop_size),
                                      args.seed, augment_on_access=not augment_on_device)
     # Same samples and seed, so the full-frame epochs draw their flips, rotations and colours as the cropped ones do.

@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = " ".join(["python benchmarks/bench_cpu.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
-    inputs = torch.randn(args.batch_size, 3, args.resolution, args.resolution, generator=generator)
+    inputs = torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=generator)
     labels = (torch.rand(args.batch_size, 1, args.resolution, args.resolution, generator=generator) > 0.7).float()
 
     cpu = cpu_info()

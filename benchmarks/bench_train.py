@@ -72,8 +72,8 @@ def build_dataset(args, augment_on_access: bool = True) -> PolypSegmentationData
     if bad:
         raise SystemExit(f"unusable frames: {bad}")
     augmentation = training_augmentation(args.train_crop_size or None, zoom=(0.75, 1.33))
-    return PolypSegmentationDataset(names, images, masks, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                                    augmentation, 0, augment_on_access)
+    # Values in [0, 1]: the model (the root config's) normalises them itself.
+    return PolypSegmentationDataset(names, images, masks, None, None, augmentation, 0, augment_on_access)
 
 
 def build_loader(dataset, args) -> torch.utils.data.DataLoader:
@@ -173,7 +173,7 @@ def step_alone(args, side: int) -> list[dict]:
     """Frames/s of the training step on one fixed batch already on the device, per variant."""
     results = []
     generator = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(args.per_device_train_batch_size, 3, side, side, generator=generator).to(args.device)
+    pixel_values = torch.rand(args.per_device_train_batch_size, 3, side, side, generator=generator).to(args.device)
     labels = (torch.rand(args.per_device_train_batch_size, side, side, generator=generator) > 0.7).float()
     labels = labels.to(args.device)
     for variant in step_variants(args):

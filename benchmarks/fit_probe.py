@@ -38,6 +38,7 @@ from segmentation_inference import check_remote_code_arguments  # noqa: E402
 from segmentation_metrics import confusion_counts, summarize  # noqa: E402
 
 MODELS = ("ours", "smp-convnext", "smp-resnet34")
+IMAGENET_STATISTICS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,9 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace):
-    """Returns the model, its forward (images -> logits) and its training loss (images, labels -> loss): this
-    project's (from the model code, as `trust_remote_code` loads it) for every model; for ours the model's own, which
-    adds the auxiliary heads' with `use_auxiliary_heads`."""
+    """Returns the model, its forward (images -> logits), its training loss (images, labels -> loss) and the
+    `(image_mean, image_std)` its input must be normalised with (`(None, None)`: values in [0, 1], for a model that
+    normalises them itself). The loss is this project's (from the model code, as `trust_remote_code` loads it) for
+    every model; for ours the model's own, which adds the auxiliary heads' with `use_auxiliary_heads`."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(args.config_name, trust_remote_code=True, **json.loads(args.config_overrides))
@@ -80,7 +82,8 @@ def build_model(args: argparse.Namespace):
             model.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in weights.items()
                                            if k.startswith("encoder.")})
         forward = lambda x: model(pixel_values=x).logits  # noqa: E731
-        return model, forward, lambda x, y: model(pixel_values=x, labels=y).loss
+        normalization = (None, None) if config.image_mean is not None else IMAGENET_STATISTICS
+        return model, forward, lambda x, y: model(pixel_values=x, labels=y).loss, normalization
     else:
         import segmentation_models_pytorch as smp
 
@@ -88,7 +91,7 @@ def build_model(args: argparse.Namespace):
         encoder = {"smp-convnext": "tu-convnext_tiny", "smp-resnet34": "resnet34"}[args.model]
         torch.manual_seed(args.seed)
         model = smp.Unet(encoder, encoder_weights=None, classes=1)
-        return model, model, lambda x, y: modeling.attention_unet_loss(model(x), y, 0.5)
+        return model, model, lambda x, y: modeling.attention_unet_loss(model(x), y, 0.5), IMAGENET_STATISTICS
 
 
 def score(forward, dataset: PolypSegmentationDataset) -> float:
@@ -103,14 +106,13 @@ def score(forward, dataset: PolypSegmentationDataset) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     splits, _ = load_local_splits(args.dataset_name)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     names, images, masks, bad = decode_samples(splits["train"][: args.frames], args.size)
     if bad:
         raise SystemExit(f"unusable frames: {bad}")
+    model, forward, training_loss, (mean, std) = build_model(args)
     train = PolypSegmentationDataset(names, images, masks, mean, std, training_augmentation(None), 1)
     plain = PolypSegmentationDataset(names, images, masks, mean, std)
 
-    model, forward, training_loss = build_model(args)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],

@@ -67,3 +67,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     make_model(**TINY_OVERRIDES).save_pretrained(folder)
     AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True).save_pretrained(folder)
     return folder
+
+
+def save_as_normalised_input_folder(model_dir: Path, folder: Path) -> Path:
+    """Copies `model_dir` into `folder` as it was saved before the model normalised its inputs: config.json without
+    `image_mean` / `image_std` (so the model takes normalised values) and a processor that normalises."""
+    import json
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("configuration_attention_unet.py", "modeling_attention_unet.py", "image_processing_attention_unet.py",
+                 "model.safetensors"):
+        shutil.copy(model_dir / name, folder / name)
+    config = json.loads((model_dir / "config.json").read_text())
+    for key in ("image_mean", "image_std"):
+        config.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    processor = json.loads((model_dir / "preprocessor_config.json").read_text())
+    processor.update(do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return folder
+

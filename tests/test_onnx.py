@@ -98,13 +98,25 @@ def test_parity_over_sizes_and_batch_sizes(export, model_dir, frames, size):
             assert np.abs(ours - reference.numpy()).max() < ATOL
 
 
-def test_metadata_carries_the_threshold(export, model_dir):
+def test_metadata_carries_the_threshold_and_the_input_convention(export, model_dir):
     import onnx
 
     metadata = {prop.key: prop.value for prop in onnx.load(str(export[0])).metadata_props}
     config = json.loads((model_dir / "config.json").read_text())
     assert float(metadata["threshold"]) == config["threshold"]
     assert json.loads(metadata["id2label"]) == config["id2label"]
+    assert metadata["pixel_values"].startswith("RGB in [0, 1]")
+    assert json.loads(metadata["image_mean"]) == config["image_mean"] == [0.485, 0.456, 0.406]
+    assert json.loads(metadata["image_std"]) == config["image_std"]
+
+
+def test_predict_onnx_refuses_a_processor_that_normalises_again(export, frames, tmp_path):
+    from conftest import save_as_normalised_input_folder
+
+    folder = save_as_normalised_input_folder(REPO_ROOT, tmp_path / "normalising_processor")
+    result = run_script("predict.py", frames[0], "--model", folder, "--onnx", export[0], "--output_dir", tmp_path)
+    assert result.returncode != 0
+    assert "the image processor normalises (do_normalize true) and so does the model" in result.stderr
 
 
 def test_predict_onnx_gives_the_pytorch_masks(export, model_dir, frames, tmp_path):

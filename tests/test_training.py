@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_OVERRIDES, make_model
+from conftest import REPO_ROOT, TINY_OVERRIDES, make_model, save_as_normalised_input_folder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -266,7 +266,7 @@ def test_loss_decreases_on_a_fixed_batch(kvasir_root):
     splits, _ = load_local_splits(kvasir_root)
     names, images, masks, problems = decode_samples(splits["train"][:4], resolution=64)
     assert not problems
-    dataset = PolypSegmentationDataset(names, images, masks, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    dataset = PolypSegmentationDataset(names, images, masks)  # values in [0, 1]: the model normalises them
     batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
     model = make_model(**TINY_OVERRIDES).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -310,6 +310,34 @@ def uninterrupted_run(kvasir_root, tmp_path_factory) -> tuple[Path, subprocess.C
     output_dir = tmp_path_factory.mktemp("uninterrupted")
     completed = run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "epoch")
     return output_dir, completed
+
+
+@pytest.fixture(scope="module")
+def run_with_normalised_input(kvasir_root, tmp_path_factory) -> Path:
+    """The uninterrupted run's recipe with the config and processor of a folder saved before the model normalised its
+    inputs: the data pipeline normalises instead."""
+    config_dir = save_as_normalised_input_folder(REPO_ROOT, tmp_path_factory.mktemp("normalised_input_config"))
+    output_dir = tmp_path_factory.mktemp("normalised_input_run")
+    run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "epoch",
+                 "--config_name", str(config_dir))
+    return output_dir
+
+
+def test_normalising_in_the_model_or_in_the_data_trains_the_same_weights(run_with_normalised_input,
+                                                                          uninterrupted_run):
+    assert json.loads((run_with_normalised_input / "config.json").read_text())["image_mean"] is None
+    assert json.loads((run_with_normalised_input / "preprocessor_config.json").read_text())["do_normalize"]
+    assert_same_weights(final_weights(run_with_normalised_input), final_weights(uninterrupted_run[0]))
+
+
+def test_a_checkpoint_of_a_normalised_input_run_resumes_exactly_under_the_new_config(run_with_normalised_input,
+                                                                                       kvasir_root, tmp_path):
+    """A run started before the change and resumed after it, with the repository's config (which normalises in the
+    model), ends where it would have."""
+    run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "epoch",
+                 "--resume_from_checkpoint", str(run_with_normalised_input / "checkpoints" / "checkpoint-4"))
+    assert json.loads((tmp_path / "config.json").read_text())["image_mean"] == [0.485, 0.456, 0.406]
+    assert_same_weights(final_weights(tmp_path), final_weights(run_with_normalised_input))
 
 
 @pytest.fixture(scope="module")
