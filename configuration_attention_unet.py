@@ -55,6 +55,10 @@ class AttentionUNetConfig(PretrainedConfig):
             Channels of the logits. Must be 1: the model segments one class, its sigmoid the foreground probability.
         loss_alpha (`float`, *optional*, defaults to 0.5):
             Loss mix: `loss_alpha * BCE + (1 - loss_alpha) * Dice`. Must lie in [0, 1].
+        dice_on_empty_masks (`bool`, *optional*, defaults to `True`):
+            Whether the loss's per-image soft Dice also covers images whose mask is empty (polyp-free frames), where
+            it pushes the whole image's probabilities towards zero; `False` averages the Dice over the images with a
+            polyp only, and polyp-free images count through the BCE alone.
         threshold (`float`, *optional*, defaults to 0.5):
             Probability above which a pixel is foreground. Must lie in (0, 1). The one source of the threshold: the
             pipeline, `evaluate.py` and `predict.py` all read it from here.
@@ -94,6 +98,7 @@ class AttentionUNetConfig(PretrainedConfig):
         image_size: int = 256,
         num_output_channels: int = 1,
         loss_alpha: float = 0.5,
+        dice_on_empty_masks: bool = True,
         threshold: float = 0.5,
         drop_path_rate: float = 0.0,
         use_auxiliary_heads: bool = False,
@@ -118,6 +123,7 @@ class AttentionUNetConfig(PretrainedConfig):
         self.image_size = image_size
         self.num_output_channels = num_output_channels
         self.loss_alpha = loss_alpha
+        self.dice_on_empty_masks = dice_on_empty_masks
         self.threshold = threshold
         self.drop_path_rate = drop_path_rate
         self.use_auxiliary_heads = use_auxiliary_heads

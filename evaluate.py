@@ -21,12 +21,15 @@ from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
 from segmentation_data import (
-    DEFAULT_DATASET, DataError, PolypSegmentationDataset, decode_samples, load_splits, processor_normalization,
+    DEFAULT_DATASET, DataError, PolypSegmentationDataset, decode_samples, load_negative_splits, load_splits,
+    polyp_free_crops, processor_normalization,
 )
 from segmentation_inference import (
     add_float32_matmul_precision_argument, check_remote_code_arguments, load_model_and_processor, predict_logits,
 )
-from segmentation_metrics import METRIC_NAMES, confusion_counts, format_table, metrics_from_counts, summarize
+from segmentation_metrics import (
+    METRIC_NAMES, confusion_counts, false_alarm_summary, format_table, metrics_from_counts, roc_auc, summarize,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="Average the logits of the input and its flips.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_float32_matmul_precision_argument(parser)
+    parser.add_argument("--negative_dataset_name", default=None,
+                        help="Also score polyp-free frames: a folder with images/ and splits/ (or a Hub dataset of "
+                             "images) whose --negative_split is read, and polyp-free crops of the evaluated split's "
+                             "own frames; reports the false-alarm rates and how well a frame score tells the two kinds "
+                             "of frame apart.")
+    parser.add_argument("--negative_split", default="validation", choices=["train", "validation"])
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
@@ -62,6 +71,48 @@ def weights_provenance(model_id: str, revision: str | None) -> dict:
     return {"weights_sha256": digest.hexdigest(), "revision": None if Path(model_id).is_dir() else extract_commit_hash(path, None)}
 
 
+def score_dataset(model, dataset: PolypSegmentationDataset, args: argparse.Namespace, threshold: float,
+                  description: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Per-image confusion counts `(N, 4)`, the mean loss and each image's largest polyp probability `(N,)`."""
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size)
+    counts, loss_sum, max_probabilities = [], 0.0, []
+    with torch.inference_mode():
+        for batch in tqdm(dataloader, desc=f"{description} ({len(dataset)} images)"):
+            pixel_values, labels = batch["pixel_values"].to(args.device), batch["labels"].to(args.device)[:, None]
+            logits = predict_logits(model, pixel_values, args.tta)
+            probabilities = logits.float().sigmoid()
+            counts.append(confusion_counts(probabilities > threshold, labels).cpu())
+            max_probabilities.append(probabilities.flatten(1).amax(dim=1).cpu())
+            loss_sum += model.compute_loss(logits, labels).item() * len(labels)
+    return torch.cat(counts), loss_sum / len(dataset), torch.cat(max_probabilities)
+
+
+def score_negatives(model, args: argparse.Namespace, threshold: float, normalization, images: list[torch.Tensor],
+                    masks: list[torch.Tensor], positive_counts: torch.Tensor,
+                    positive_max_probabilities: torch.Tensor) -> dict:
+    """False alarms on the polyp-free frames of `--negative_dataset_name` and on polyp-free crops of the evaluated
+    frames, and the ROC AUC of two frame scores (largest probability, marked area) against the evaluated frames."""
+    samples = load_negative_splits(args.negative_dataset_name)[args.negative_split]
+    names, negative_images, _, problems = decode_samples(samples, args.resolution)
+    if problems:
+        raise DataError(f"{len(problems)} unusable frame(s) in {args.negative_dataset_name}:\n  " + "\n  ".join(problems))
+    sources = {f"{args.negative_split} split of {args.negative_dataset_name}": negative_images,
+               f"polyp-free crops of the {args.split} frames": polyp_free_crops(images, masks)}
+    positive_area = positive_counts[:, :2].sum(1).double() / positive_counts.sum(1).double()
+    result = {}
+    for key, (source, frames) in zip(("negatives", "own_crops"), sources.items()):
+        empty = [torch.zeros(frame.shape[-2:], dtype=torch.bool) for frame in frames]
+        dataset = PolypSegmentationDataset([str(i) for i in range(len(frames))], frames, empty, *normalization)
+        counts, _, max_probabilities = score_dataset(model, dataset, args, threshold, source)
+        area = counts[:, :2].sum(1).double() / counts.sum(1).double()
+        result[key] = {
+            "source": source, "num_images": len(frames), **false_alarm_summary(counts),
+            "roc_auc_max_probability": roc_auc(positive_max_probabilities, max_probabilities),
+            "roc_auc_marked_area": roc_auc(positive_area, area),
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.float32_matmul_precision:
@@ -74,24 +125,24 @@ def main(argv: list[str] | None = None) -> dict:
     names, images, masks, problems = decode_samples(samples, args.resolution)
     if problems:
         raise DataError(f"{len(problems)} unusable sample(s) in the {args.split} split:\n  " + "\n  ".join(problems))
-    dataset = PolypSegmentationDataset(names, images, masks, *processor_normalization(processor))
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size)
-
-    counts, loss_sum = [], 0.0
-    with torch.inference_mode():
-        for batch in tqdm(dataloader, desc=f"{args.split} ({len(dataset)} images)"):
-            pixel_values, labels = batch["pixel_values"].to(args.device), batch["labels"].to(args.device)[:, None]
-            logits = predict_logits(model, pixel_values, args.tta)
-            counts.append(confusion_counts(logits.float().sigmoid() > threshold, labels).cpu())
-            loss_sum += model.compute_loss(logits, labels).item() * len(labels)
-    counts = torch.cat(counts)
+    normalization = processor_normalization(processor)
+    dataset = PolypSegmentationDataset(names, images, masks, *normalization)
+    counts, loss, max_probabilities = score_dataset(model, dataset, args, threshold, f"{args.split}")
     summary = summarize(counts)
-    loss = loss_sum / len(dataset)
     per_image = metrics_from_counts(counts)
 
     print(f"\n{args.model} on the {args.split} split of {args.dataset_name} ({len(dataset)} images, "
           f"{args.resolution}x{args.resolution}{', flip TTA' if args.tta else ''}):\n")
     print(format_table(summary, loss))
+    negatives = None
+    if args.negative_dataset_name:
+        negatives = score_negatives(model, args, threshold, normalization, images, masks, counts, max_probabilities)
+        print("\n| polyp-free frames | images | > 1 % marked | any pixel marked | ROC AUC (max probability) | "
+              "ROC AUC (marked area) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+        for entry in negatives.values():
+            print(f"| {entry['source']} | {entry['num_images']} | {entry['false_alarm_rate']:.3f} | "
+                  f"{entry['any_pixel_rate']:.3f} | {entry['roc_auc_max_probability']:.3f} | "
+                  f"{entry['roc_auc_marked_area']:.3f} |")
     result = {
         "model": args.model,
         **weights_provenance(args.model, args.revision),
@@ -109,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             {"name": name, **{metric: per_image[metric][i].item() for metric in METRIC_NAMES}}
             for i, name in enumerate(names)
         ],
+        **({"negatives": negatives} if negatives is not None else {}),
         "command": " ".join(["python evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     if args.output_json:

@@ -31,8 +31,10 @@ def _is_traced() -> bool:
             or torch.onnx.is_in_onnx_export())
 
 
-def attention_unet_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, smooth: float = 1.0) -> torch.Tensor:
-    """`alpha * BCE + (1 - alpha) * soft Dice`, the Dice averaged over images.
+def attention_unet_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, smooth: float = 1.0,
+                        dice_on_empty_masks: bool = True) -> torch.Tensor:
+    """`alpha * BCE + (1 - alpha) * soft Dice`, the Dice averaged over images (with `dice_on_empty_masks=False`,
+    over the images whose mask is not empty: polyp-free images then count through the BCE alone).
 
     Args:
         logits: `(B, 1, H, W)` raw scores.
@@ -47,7 +49,12 @@ def attention_unet_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float
         labels = labels.flatten(1)
         intersection = (probs * labels).sum(dim=1)
         dice = (2.0 * intersection + smooth) / (probs.sum(dim=1) + labels.sum(dim=1) + smooth)
-        return alpha * bce + (1.0 - alpha) * (1.0 - dice.mean())
+        if dice_on_empty_masks:
+            dice_loss = (1.0 - dice).mean()
+        else:
+            with_polyp = (labels.sum(dim=1) > 0).float()
+            dice_loss = ((1.0 - dice) * with_polyp).sum() / with_polyp.sum().clamp(min=1.0)
+        return alpha * bce + (1.0 - alpha) * dice_loss
 
 
 class AttentionUNetPixelNormalization(nn.Module):
@@ -399,7 +406,8 @@ class AttentionUNetForSemanticSegmentation(AttentionUNetPreTrainedModel):
                 f"`labels` must have shape (batch, height, width) or (batch, 1, height, width) matching the logits "
                 f"{tuple(logits.shape)}, got {tuple(labels.shape)}."
             )
-        return attention_unet_loss(logits, labels, self.config.loss_alpha)
+        return attention_unet_loss(logits, labels, self.config.loss_alpha,
+                                   dice_on_empty_masks=self.config.dice_on_empty_masks)
 
     def compute_auxiliary_loss(self, stage_outputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         """Mean loss of the auxiliary heads on the decoder stages before the last, their logits upsampled bilinearly

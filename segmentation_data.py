@@ -24,6 +24,7 @@ LABEL_COLUMN_CANDIDATES = ("mask", "annotation", "label", "segmentation_mask")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 SPLIT_SEED = 42
 NEGATIVE_SPLITS = ("train", "validation")
+SOURCE_STREAM = 1  # tells `PolypMixtureDataset`'s draw of what an item shows from its augmentation's draw
 
 
 def split_official_validation(names: list[str], seed: int = SPLIT_SEED) -> tuple[list[str], list[str]]:
@@ -462,8 +463,9 @@ class PolypMixtureDataset(PolypSegmentationDataset):
         return len(self.images) + self.num_negatives
 
     def source(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # A stream of its own, apart from the augmentation's (seed, epoch, index) draw.
-        generator = torch.Generator().manual_seed(hash(("source", self.seed, self.epoch, index)) % 2**63)
+        # A stream of its own, apart from the augmentation's (seed, epoch, index) draw; integers only, as the hash of a
+        # string changes from one process to the next.
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index, SOURCE_STREAM)) % 2**63)
         if index < len(self.images):
             image, mask = self.images[index], self.masks[index]
             if float(torch.rand((), generator=generator)) < self.closeup_probability:
@@ -475,7 +477,8 @@ class PolypMixtureDataset(PolypSegmentationDataset):
             # Frames with no room away from their polyp are passed over for the next one.
             start = _uniform_int(0, len(self.images) - 1, generator)
             for offset in range(len(self.images)):
-                image, mask = self.images[(start + offset) % len(self.images)], self.masks[(start + offset) % len(self.images)]
+                other = (start + offset) % len(self.images)
+                image, mask = self.images[other], self.masks[other]
                 box = polyp_free_box(mask, generator)
                 if box is not None:
                     return crop_resized(image, mask, box)

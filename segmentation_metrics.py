@@ -80,3 +80,10 @@ def false_alarm_summary(counts: torch.Tensor) -> dict[str, float]:
         "mean_marked_fraction": marked.mean().item(),
     }
 
+
+def roc_auc(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> float:
+    """Area under the ROC curve of a frame score: the probability that a frame with a polyp scores above a polyp-free
+    one, ties counting half (the Mann-Whitney U statistic)."""
+    positive, negative = positive_scores.double()[:, None], negative_scores.double()[None, :]
+    return ((positive > negative).double() + 0.5 * (positive == negative).double()).mean().item()
+

@@ -38,16 +38,19 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, get_schedule
 from segmentation_data import (
     DEFAULT_DATASET,
     DataError,
+    PolypMixtureDataset,
     PolypSegmentationDataset,
     decode_samples,
+    load_negative_splits,
     load_splits,
+    polyp_free_crops,
     processor_normalization,
     training_augmentation,
 )
 from segmentation_inference import (
     add_float32_matmul_precision_argument, check_input_convention, check_remote_code_arguments, load_model,
 )
-from segmentation_metrics import confusion_counts, format_table, summarize
+from segmentation_metrics import confusion_counts, false_alarm_summary, format_table, summarize
 from segmentation_training import build_optimizer
 
 logger = get_logger(__name__)
@@ -83,6 +86,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train_eval_samples", type=int, default=100,
                       help="After every epoch, also score this many training images (spread evenly over the split, "
                            "no augmentation) next to validation, to tell underfitting from overfitting; 0 skips it.")
+    data.add_argument("--negative_dataset_name", default=None,
+                      help="Polyp-free frames to mix into training (no masks: all empty): a folder with images/ and "
+                           "splits/train.txt, validation.txt, or a Hub dataset with train and validation splits of "
+                           "images. Its validation split's false-alarm rate is logged every epoch and takes part in "
+                           "choosing the best model.")
+    data.add_argument("--negative_ratio", type=float, default=None,
+                      help="Share of each epoch's training items that are polyp-free (default 0.25 with "
+                           "--negative_dataset_name, else 0): frames of --negative_dataset_name and polyp-free crops "
+                           "of the training frames themselves (--own_negative_share of them).")
+    data.add_argument("--own_negative_share", type=float, default=0.5,
+                      help="Of the polyp-free items, the share that are crops of the training frames away from their "
+                           "polyp (black border and on-screen text included), so that the frames' layout cannot be "
+                           "the cue (1.0 without --negative_dataset_name).")
+    data.add_argument("--closeup_probability", type=float, default=0.0,
+                      help="Probability that a polyp frame is replaced by a close-up crop around its polyp, so that "
+                           "a close-up view is not taken for a polyp-free one.")
     data.add_argument("--max_train_samples", type=int, default=None)
     data.add_argument("--max_eval_samples", type=int, default=None)
     data.add_argument("--skip_bad_samples", action="store_true",
@@ -206,6 +225,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"knows its own position), got {args.start_epoch}.")
     if args.snapshot_dir and Path(args.snapshot_dir).resolve() == Path(args.output_dir).resolve():
         parser.error("--snapshot_dir must be another folder than --output_dir, whose best model it would overwrite.")
+    if args.negative_ratio is None:
+        args.negative_ratio = 0.25 if args.negative_dataset_name else 0.0
+    if not 0 <= args.negative_ratio < 1:
+        parser.error(f"--negative_ratio must lie in [0, 1), got {args.negative_ratio}.")
+    if not 0 <= args.own_negative_share <= 1 or not 0 <= args.closeup_probability <= 1:
+        parser.error(f"--own_negative_share and --closeup_probability are probabilities, got "
+                     f"{args.own_negative_share} and {args.closeup_probability}.")
+    if not args.negative_dataset_name:
+        args.own_negative_share = 1.0
     if args.model_ema_decay is not None and not 0 < args.model_ema_decay < 1:
         parser.error(f"--model_ema_decay must lie in (0, 1), got {args.model_ema_decay}.")
     return args
@@ -322,14 +350,27 @@ def build_datasets(args: argparse.Namespace, processor, augment_on_device: bool 
         if not names:
             raise DataError(f"The {split} split of {args.dataset_name} has no usable sample.")
     mean, std = processor_normalization(processor)
-    train = PolypSegmentationDataset(*decoded["train"], mean, std, training_augmentation_for(args, args.train_crop_size),
-                                     args.seed, augment_on_access=not augment_on_device)
+    negatives = decode_negatives(args) if args.negative_dataset_name else {"train": [], "validation": []}
+
+    def training_dataset(crop_size: int | None) -> PolypSegmentationDataset:
+        settings = dict(image_mean=mean, image_std=std, augmentation=training_augmentation_for(args, crop_size),
+                        seed=args.seed, augment_on_access=not augment_on_device)
+        if not args.negative_ratio and not args.closeup_probability:
+            return PolypSegmentationDataset(*decoded["train"], **settings)
+        return PolypMixtureDataset(*decoded["train"], negatives["train"], args.negative_ratio,
+                                   args.own_negative_share, args.closeup_probability, **settings)
+
+    train = training_dataset(args.train_crop_size)
     # Same samples and seed, so the full-frame epochs draw their flips, rotations and colours as the cropped ones do.
-    train_full_frame = None
-    if args.final_full_frame_epochs:
-        train_full_frame = PolypSegmentationDataset(*decoded["train"], mean, std, training_augmentation_for(args, None),
-                                                    args.seed, augment_on_access=not augment_on_device)
+    train_full_frame = training_dataset(None) if args.final_full_frame_epochs else None
     validation = PolypSegmentationDataset(*decoded["validation"], mean, std)
+    validation_negatives = None
+    if args.negative_ratio:
+        # The polyp-free frames' validation split and fixed polyp-free crops of the validation frames.
+        frames = negatives["validation"] + polyp_free_crops(decoded["validation"][1], decoded["validation"][2])
+        validation_negatives = PolypSegmentationDataset(
+            [str(i) for i in range(len(frames))], frames, [torch.zeros(f.shape[-2:], dtype=torch.bool) for f in frames],
+            mean, std)
     train_eval = None
     if args.train_eval_samples:
         names, images, masks = decoded["train"]
@@ -337,7 +378,26 @@ def build_datasets(args: argparse.Namespace, processor, augment_on_device: bool 
         picked = [round(i * (len(names) - 1) / max(count - 1, 1)) for i in range(count)]
         train_eval = PolypSegmentationDataset([names[i] for i in picked], [images[i] for i in picked],
                                               [masks[i] for i in picked], mean, std)
-    return train, train_full_frame, validation, train_eval
+    return train, train_full_frame, validation, train_eval, validation_negatives
+
+
+def decode_negatives(args: argparse.Namespace) -> dict[str, list[torch.Tensor]]:
+    """The polyp-free frames of `--negative_dataset_name`, per split, decoded at `--resolution`; every unusable frame
+    is named before training starts."""
+    frames, problems = {}, []
+    for split, samples in load_negative_splits(args.negative_dataset_name).items():
+        _, images, _, bad = decode_samples(samples, args.resolution)
+        frames[split], problems = images, problems + bad
+    if problems:
+        listing = "\n  ".join(problems)
+        if not args.skip_bad_samples:
+            raise DataError(f"{len(problems)} unusable frame(s) in {args.negative_dataset_name}:\n  {listing}\n"
+                            "Fix them, or pass --skip_bad_samples to leave them out.")
+        logger.warning(f"Leaving out {len(problems)} unusable polyp-free frame(s):\n  {listing}", main_process_only=True)
+    for split, images in frames.items():
+        if not images:
+            raise DataError(f"The {split} split of {args.negative_dataset_name} has no usable frame.")
+    return frames
 
 
 def training_augmentation_for(args: argparse.Namespace, crop_size: int | None):
@@ -521,8 +581,9 @@ def repair_batch_norm_statistics(accelerator: Accelerator, model, model_ema: Mod
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator: Accelerator, threshold: float,
-             channels_last: bool = False) -> dict[str, float]:
+def evaluate(model, dataloader, accelerator: Accelerator, threshold: float, channels_last: bool = False,
+             polyp_free: bool = False) -> dict[str, float]:
+    """The metrics of `summarize` and the loss; for `polyp_free` frames, `false_alarm_summary`'s instead."""
     was_training = model.training
     model.eval()
     counts, losses, weights = [], [], []
@@ -536,9 +597,17 @@ def evaluate(model, dataloader, accelerator: Accelerator, threshold: float,
         losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float()[None] * batch_size))
         weights.append(accelerator.gather_for_metrics(batch_size))
     model.train(was_training)
-    summary = summarize(torch.cat(counts).cpu())
+    summary = (false_alarm_summary if polyp_free else summarize)(torch.cat(counts).cpu())
     summary["loss"] = (torch.cat(losses).sum() / torch.cat(weights).sum()).item()
     return summary
+
+
+def selection_score(metrics: dict[str, float], negative_metrics: dict[str, float]) -> float:
+    """What the best model is chosen by: the validation mDice; with polyp-free validation frames, the mean of the
+    mDice and the share of those frames left quiet (1 - false-alarm rate), so neither can be traded away unseen."""
+    if not negative_metrics:
+        return metrics["mean_dice"]
+    return 0.5 * metrics["mean_dice"] + 0.5 * (1.0 - negative_metrics["false_alarm_rate"])
 
 
 def save_model_folder(accelerator: Accelerator, model, processor, folder: Path, what: str,
@@ -780,7 +849,7 @@ def main(argv: list[str] | None = None) -> None:
     augment_on_device = args.augment_on_device
     if augment_on_device is None:
         augment_on_device = accelerator.device.type == "cuda"
-    train_dataset, train_full_frame_dataset, eval_dataset, train_eval_dataset = build_datasets(
+    train_dataset, train_full_frame_dataset, eval_dataset, train_eval_dataset, eval_negative_dataset = build_datasets(
         args, processor, augment_on_device
     )
     train_dataloader, train_full_frame_dataloader = (
@@ -790,9 +859,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         for dataset in (train_dataset, train_full_frame_dataset)
     )
-    eval_dataloader, train_eval_dataloader = (
+    eval_dataloader, train_eval_dataloader, eval_negative_dataloader = (
         None if dataset is None else torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size)
-        for dataset in (eval_dataset, train_eval_dataset)
+        for dataset in (eval_dataset, train_eval_dataset, eval_negative_dataset)
     )
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -823,6 +892,8 @@ def main(argv: list[str] | None = None) -> None:
         train_full_frame_dataloader = accelerator.prepare(train_full_frame_dataloader)
     if train_eval_dataloader is not None:
         train_eval_dataloader = accelerator.prepare(train_eval_dataloader)
+    if eval_negative_dataloader is not None:
+        eval_negative_dataloader = accelerator.prepare(eval_negative_dataloader)
     # Only the training step is compiled: it shares its parameters with `model`, which saves, validates and resumes
     # eagerly (whole images at evaluation would compile a second graph).
     training_model = model
@@ -847,7 +918,10 @@ def main(argv: list[str] | None = None) -> None:
         "lr_scheduler_type": args.lr_scheduler_type, "mixed_precision": accelerator.mixed_precision,
         "seed": args.seed, "dataset_name": args.dataset_name, "init_from": args.init_from,
         "init_encoder_from": args.init_encoder_from,
-        "start_epoch": args.start_epoch,
+        "start_epoch": args.start_epoch, "negative_dataset_name": args.negative_dataset_name,
+        "negative_ratio": args.negative_ratio, "own_negative_share": args.own_negative_share,
+        "closeup_probability": args.closeup_probability,
+        "num_eval_negatives": len(eval_negative_dataset) if eval_negative_dataset is not None else 0,
         "num_train_samples": len(train_dataset), "num_eval_samples": len(eval_dataset),
         "num_processes": accelerator.num_processes, "channels_last": args.channels_last,
         "torch_compile": args.torch_compile, "float32_matmul_precision": torch.get_float32_matmul_precision(),
@@ -867,7 +941,7 @@ def main(argv: list[str] | None = None) -> None:
     repair_batch_norm_statistics(accelerator, model, model_ema, train_dataset, args)
     state = state or {
         "epoch": args.start_epoch, "step_in_epoch": 0, "completed_steps": args.start_epoch * steps_per_epoch,
-        "best_dice": -1.0, "best_epoch": None, "first_epoch": args.start_epoch + 1,
+        "best_score": -1.0, "best_dice": -1.0, "best_epoch": None, "first_epoch": args.start_epoch + 1,
     }
     pusher = HubPusher(args) if args.push_to_hub and accelerator.is_main_process else None
     checkpoint_every = None if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps)
@@ -941,6 +1015,10 @@ def main(argv: list[str] | None = None) -> None:
         if train_eval_dataloader is not None:
             train_metrics = evaluate(evaluated_model, train_eval_dataloader, accelerator, config.threshold,
                                      args.channels_last)
+        negative_metrics = {}
+        if eval_negative_dataloader is not None:
+            negative_metrics = evaluate(evaluated_model, eval_negative_dataloader, accelerator, config.threshold,
+                                        args.channels_last, polyp_free=True)
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
         record = {
             "epoch": epoch + 1, "step": state["completed_steps"], "train_loss": train_loss,
@@ -951,19 +1029,24 @@ def main(argv: list[str] | None = None) -> None:
             "eval_seconds": time.perf_counter() - eval_start,
             **{f"eval_{name}": value for name, value in metrics.items()},
             **{f"train_eval_{name}": value for name, value in train_metrics.items()},
+            **{f"eval_negatives_{name}": value for name, value in negative_metrics.items()},
+            "selection_score": selection_score(metrics, negative_metrics),
         }
         accelerator.log(record, step=epoch + 1)
         if accelerator.is_main_process:
             with open(Path(args.output_dir) / METRICS_FILE, "a") as log_file:
                 log_file.write(json.dumps(record) + "\n")
         train_eval_text = f", training-subset mDice {train_metrics['mean_dice']:.4f}" if train_metrics else ""
+        negative_text = (f", false alarms on polyp-free frames {negative_metrics['false_alarm_rate']:.3f}"
+                         if negative_metrics else "")
         logger.info(f"epoch {epoch + 1}: train loss {train_loss:.4f}{train_eval_text}, validation mDice "
-                    f"{metrics['mean_dice']:.4f}, loss {metrics['loss']:.4f}", main_process_only=True)
+                    f"{metrics['mean_dice']:.4f}, loss {metrics['loss']:.4f}{negative_text}", main_process_only=True)
 
         state.update(epoch=epoch + 1, step_in_epoch=0)
-        improved = metrics["mean_dice"] > state["best_dice"]
+        # Checkpoints written before the selection score existed chose on the validation mDice alone.
+        improved = record["selection_score"] > state.get("best_score", state["best_dice"])
         if improved:
-            state.update(best_dice=metrics["mean_dice"], best_epoch=epoch + 1)
+            state.update(best_score=record["selection_score"], best_dice=metrics["mean_dice"], best_epoch=epoch + 1)
             save_best_model(accelerator, evaluated_model, processor, args, {"epoch": epoch + 1, "eval": metrics},
                             run_config)
         if args.checkpointing_steps == "epoch" or state["completed_steps"] >= max_train_steps:

@@ -1,5 +1,6 @@
 """Shared fixtures. The Kvasir-SEG copy is found through `KVASIR_SEG_DIR` (default `../shared/data/kvasir-seg` beside
-the repository); tests that need it skip without it, except under CI (`CI=true`), where its absence fails them."""
+the repository), the polyp-free frames through `NOPOLYP_DIR` (default `../shared/data/nopolyp`); tests that need them
+skip without them, except under CI (`CI=true`), where their absence fails them."""
 
 import os
 import sys
@@ -9,6 +10,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KVASIR_SEG_DIR = Path(os.environ.get("KVASIR_SEG_DIR", REPO_ROOT.parent / "shared" / "data" / "kvasir-seg"))
+NOPOLYP_DIR = Path(os.environ.get("NOPOLYP_DIR", REPO_ROOT.parent / "shared" / "data" / "nopolyp"))
 # A small timm encoder keeps most tests fast; tests marked for the default architecture use `convnext_tiny`.
 TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
 # The two decoders a config can build: the first version's (the v1 weights of stages 1-9) and the class defaults
@@ -29,14 +31,37 @@ def pytest_configure(config):
     )
 
 
-@pytest.fixture(scope="session")
-def kvasir_root() -> Path:
-    if not (KVASIR_SEG_DIR / "images").is_dir():
-        message = f"Kvasir-SEG not found at {KVASIR_SEG_DIR} (set KVASIR_SEG_DIR)"
+def _data_folder(folder: Path, what: str, variable: str) -> Path:
+    if not (folder / "images").is_dir():
+        message = f"{what} not found at {folder} (set {variable})"
         if os.environ.get("CI") == "true":
             pytest.fail(message + ": CI must have it.")
         pytest.skip(message)
-    return KVASIR_SEG_DIR
+    return folder
+
+
+@pytest.fixture(scope="session")
+def kvasir_root() -> Path:
+    return _data_folder(KVASIR_SEG_DIR, "Kvasir-SEG", "KVASIR_SEG_DIR")
+
+
+@pytest.fixture(scope="session")
+def nopolyp_root() -> Path:
+    return _data_folder(NOPOLYP_DIR, "The polyp-free frames", "NOPOLYP_DIR")
+
+
+@pytest.fixture(scope="session")
+def small_nopolyp_dir(nopolyp_root, tmp_path_factory) -> Path:
+    """Eight training and four validation frames of the polyp-free set, laid out like it."""
+    folder = tmp_path_factory.mktemp("nopolyp_small")
+    (folder / "images").mkdir()
+    (folder / "splits").mkdir()
+    for split, count in (("train", 8), ("validation", 4)):
+        names = (nopolyp_root / "splits" / f"{split}.txt").read_text().split()[:count]
+        for name in names:
+            (folder / "images" / f"{name}.jpg").symlink_to(nopolyp_root / "images" / f"{name}.jpg")
+        (folder / "splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return folder
 
 
 @pytest.fixture(scope="session")
