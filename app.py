@@ -78,9 +78,11 @@ def problem(message: str) -> str:
 def build_demo(model, processor, device: str = "cpu") -> gr.Blocks:
     """The two-tab app around `model` and its `processor`."""
     default_threshold = float(model.config.threshold)
+    presence_threshold = model.config.presence_threshold
 
     def segment(frames, threshold, tta, attention_maps=False):
-        return segment_frames(model, processor, frames, threshold, tta, attention_maps, device)
+        return segment_frames(model, processor, frames, threshold, tta, attention_maps, device,
+                              presence_threshold=presence_threshold)
 
     def on_frame(path, threshold, tta):
         if not path:
@@ -93,8 +95,10 @@ def build_demo(model, processor, device: str = "cpu") -> gr.Blocks:
         size = frame.shape[:2]
         gates = [(heat_map(gate, size), f"gate {index + 1} of {len(result.gate_maps)} (coarsest first)")
                  for index, gate in enumerate(result.gate_maps)]
-        summary = (f"**Polyp: {100 * result.area_fraction:.1f} % of the frame** ({frame.shape[1]}x{frame.shape[0]}, "
-                   f"threshold {threshold:.2f}, flip TTA {'on' if tta else 'off'}).")
+        finding = (f"**Polyp: {100 * result.area_fraction:.1f} % of the frame** (score {result.score:.3f})"
+                   if result.present else f"**No polyp found** (score {result.score:.3f})")
+        summary = (f"{finding}; {frame.shape[1]}x{frame.shape[0]}, threshold {threshold:.2f}, flip TTA "
+                   f"{'on' if tta else 'off'}.")
         return (overlay_mask(frame, result.mask), heat_map(result.probability[None], size), gates,
                 result.mask.astype(np.uint8) * 255, summary)
 

@@ -62,6 +62,11 @@ class AttentionUNetConfig(PretrainedConfig):
         threshold (`float`, *optional*, defaults to 0.5):
             Probability above which a pixel is foreground. Must lie in (0, 1). The one source of the threshold: the
             pipeline, `evaluate.py` and `predict.py` all read it from here.
+        presence_threshold (`float`, *optional*):
+            Frame-level decision: a frame whose polyp score (its largest polyp probability) is below this is judged
+            polyp-free, and post-processing returns an empty mask for it. Chosen on validation frames with and
+            without polyps; `None` (or a value at or below `threshold`) judges a frame to hold a polyp when any pixel
+            is above `threshold`.
         drop_path_rate (`float`, *optional*, defaults to 0.0):
             Stochastic depth rate passed to the timm encoder.
         use_auxiliary_heads (`bool`, *optional*, defaults to `False`):
@@ -100,6 +105,7 @@ class AttentionUNetConfig(PretrainedConfig):
         loss_alpha: float = 0.5,
         dice_on_empty_masks: bool = True,
         threshold: float = 0.5,
+        presence_threshold: float | None = None,
         drop_path_rate: float = 0.0,
         use_auxiliary_heads: bool = False,
         auxiliary_loss_weight: float = 0.4,
@@ -125,6 +131,7 @@ class AttentionUNetConfig(PretrainedConfig):
         self.loss_alpha = loss_alpha
         self.dice_on_empty_masks = dice_on_empty_masks
         self.threshold = threshold
+        self.presence_threshold = presence_threshold
         self.drop_path_rate = drop_path_rate
         self.use_auxiliary_heads = use_auxiliary_heads
         self.auxiliary_loss_weight = auxiliary_loss_weight
@@ -194,6 +201,10 @@ def _check_range(name: str, low: float, high: float, low_open: bool, high_open: 
     return check
 
 
+def _optional(check):
+    return lambda value: None if value is None else check(value)
+
+
 def _check_positive_int(name: str):
     def check(value):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -239,6 +250,7 @@ _FIELD_CHECKS = {
     "num_output_channels": _check_num_output_channels,
     "loss_alpha": _check_range("loss_alpha", 0.0, 1.0, False, False),
     "threshold": _check_range("threshold", 0.0, 1.0, True, True),
+    "presence_threshold": _optional(_check_range("presence_threshold", 0.0, 1.0, True, True)),
     "drop_path_rate": _check_range("drop_path_rate", 0.0, 1.0, False, True),
     "auxiliary_loss_weight": _check_range("auxiliary_loss_weight", 0.0, float("inf"), False, True),
 }

@@ -177,7 +177,8 @@ class AttentionUNetImageProcessor(BaseImageProcessor):
         return np.ascontiguousarray(np.moveaxis(values, -1, 0))
 
     def post_process_semantic_segmentation(
-        self, outputs, target_sizes: list[tuple[int, int]] | None = None, threshold: float | None = None
+        self, outputs, target_sizes: list[tuple[int, int]] | None = None, threshold: float | None = None,
+        presence_threshold: float | None = None,
     ) -> list[torch.Tensor]:
         """
         Args:
@@ -186,6 +187,8 @@ class AttentionUNetImageProcessor(BaseImageProcessor):
             threshold: foreground probability cut-off. Pass the model's `config.threshold`, the one place the cut-off
                 is set (the pipeline, `evaluate.py` and `predict.py` all read it there); `None` cuts at the sigmoid's
                 midpoint, 0.5.
+            presence_threshold: frames whose polyp score (see `post_process_polyp_scores`) is below it get an empty
+                mask. Pass the model's `config.presence_threshold`; `None` decides pixel by pixel only.
 
         Returns:
             One `(height, width)` int64 mask per image: 0 is background, 1 is polyp (with several channels, the
@@ -195,40 +198,64 @@ class AttentionUNetImageProcessor(BaseImageProcessor):
         threshold = 0.5 if threshold is None else threshold
         if target_sizes is not None and len(target_sizes) != len(logits):
             raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {len(logits)} logits.")
+        present = [True] * len(logits)
+        if presence_threshold is not None and logits.shape[1] == 1:
+            present = (self.post_process_polyp_scores(outputs) >= presence_threshold).tolist()
         masks = []
         for index, image_logits in enumerate(logits.float()):
             if target_sizes is not None:
                 size = tuple(int(side) for side in target_sizes[index])
                 image_logits = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)[0]
             if image_logits.shape[0] == 1:
-                masks.append((image_logits[0].sigmoid() > threshold).long())
+                masks.append((image_logits[0].sigmoid() > threshold).long() * int(present[index]))
             else:
                 masks.append(image_logits.argmax(dim=0))
         return masks
+
+    @staticmethod
+    def post_process_polyp_scores(outputs) -> torch.Tensor:
+        """Each frame's polyp score, its largest polyp probability: `(B,)` float32 in [0, 1] from `(B, 1, h, w)`
+        logits. A frame with a score below the model's `config.presence_threshold` is judged polyp-free."""
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
+        return logits.float().flatten(1).amax(dim=1).sigmoid()
 
 
 class AttentionUNetSegmentationPipeline(ImageSegmentationPipeline):
     """What `pipeline("image-segmentation", model=<this repository>, trust_remote_code=True)` builds (`config.json`'s
     `custom_pipelines` names it): transformers' image-segmentation pipeline with the semantic post-processing cut at
-    `threshold=` (default: the model's `config.threshold`). Returns one `{"label", "mask", "score": None}` per label
-    present, the mask a PIL image of the input's size, 255 where that label is."""
+    `threshold=` (default: the model's `config.threshold`) and frames judged polyp-free at `presence_threshold=`
+    (default: `config.presence_threshold`). Returns one `{"label", "mask", "score"}` per label present, the mask a
+    PIL image of the input's size, 255 where that label is; the polyp's score is the frame's polyp score, and a frame
+    judged polyp-free has no polyp segment."""
 
     def check_model_type(self, supported_models) -> None:
         # The stock check lists transformers' own classes only, so it logs an error for every remote-code model.
         if getattr(self.model.config, "model_type", None) != "attention_unet":
             super().check_model_type(supported_models)
 
-    def postprocess(self, model_outputs, subtask=None, threshold=None, **kwargs) -> list[dict]:
+    def _sanitize_parameters(self, presence_threshold=None, **kwargs):
+        preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
+        if presence_threshold is not None:
+            postprocess["presence_threshold"] = presence_threshold
+        return preprocess, forward, postprocess
+
+    def postprocess(self, model_outputs, subtask=None, threshold=None, presence_threshold=None, **kwargs) -> list[dict]:
         if subtask not in (None, "semantic"):
             raise ValueError(f"subtask={subtask!r}: this model only does semantic segmentation.")
-        threshold = self.model.config.threshold if threshold is None else threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold={threshold!r}: must lie in (0, 1).")
+        config = self.model.config
+        threshold = config.threshold if threshold is None else threshold
+        presence_threshold = getattr(config, "presence_threshold", None) if presence_threshold is None else presence_threshold
+        for name, value in (("threshold", threshold), ("presence_threshold", presence_threshold)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0.0 < value < 1.0):
+                raise ValueError(f"{name}={value!r}: must lie in (0, 1).")
         (mask,) = self.image_processor.post_process_semantic_segmentation(
-            model_outputs, target_sizes=model_outputs["target_size"], threshold=threshold
+            model_outputs, target_sizes=model_outputs["target_size"], threshold=threshold,
+            presence_threshold=presence_threshold,
         )
+        score = float(self.image_processor.post_process_polyp_scores(model_outputs)[0])
         return [
-            {"score": None, "label": self.model.config.id2label[label],
+            {"score": score if label == 1 else None, "label": config.id2label[label],
              "mask": PIL.Image.fromarray(((mask == label).numpy() * 255).astype(np.uint8))}
             for label in mask.unique().tolist()
         ]

@@ -11,14 +11,18 @@ overlaid video and a per-frame CSV.
 For an input `frame.jpg` the outputs are `frame_mask.png` (0 background, 255 polyp), `frame_overlay.png` (the mask's
 outline and a translucent fill over the frame) and, with `--attention_maps`, `frame_attention_<i>.png` per gate,
 coarsest first. For a video `clip.mp4` (also .avi, .mkv, .mov; read with PyAV) they are `clip_overlay.mp4` (H.264 at
-the source's frame rate and size) and `clip_frames.csv` (frame_index, time_seconds, polyp_area_fraction,
-mean_probability; with `--every N` only every N-th frame is segmented, and the frames in between show its mask).
+the source's frame rate and size) and `clip_frames.csv` (frame_index, time_seconds, polyp_present, polyp_score,
+polyp_area_fraction, mean_probability; with `--every N` only every N-th frame is segmented, and the frames in between
+show its mask). The images' frame-level results go to `predictions.csv` (name, polyp_present, polyp_score,
+polyp_area_fraction): a frame's polyp score is its largest polyp probability, and a frame scoring below the model's
+`config.presence_threshold` is judged polyp-free (its mask is empty).
 INPUT may be files, folders (their images and videos) or glob patterns; grayscale, RGBA and 16-bit images are
 converted to RGB and EXIF orientation is applied. Files that cannot be read are reported on stderr and skipped; the
 exit status is then 1.
 """
 
 import argparse
+import csv
 import glob
 import json
 import sys
@@ -40,6 +44,8 @@ from segmentation_inference import (
 
 REPO_ROOT = Path(__file__).resolve().parent
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
+IMAGE_CSV_NAME = "predictions.csv"
+IMAGE_CSV_FIELDS = ("name", "polyp_present", "polyp_score", "polyp_area_fraction")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=None,
                         help="Foreground probability cut-off (default: the model's `config.threshold`; with --onnx, "
                              "the one export_onnx.py stored in the file).")
+    parser.add_argument("--presence_threshold", type=float, default=None,
+                        help="Polyp score below which a frame is judged polyp-free (default: the model's "
+                             "`config.presence_threshold`; with --onnx, the one stored in the file).")
     parser.add_argument("--tta", action="store_true", help="Average the logits of the image and its flips.")
     parser.add_argument("--every", type=int, default=1, metavar="N",
                         help="In videos, segment every N-th frame (default: every frame).")
@@ -74,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --model, or --onnx (with --model for a processor other than this repository's)")
     if args.batch_size < 1 or args.every < 1:
         parser.error("--batch_size and --every must be at least 1")
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        parser.error("--threshold must lie in (0, 1)")
+    for flag in ("threshold", "presence_threshold"):
+        if getattr(args, flag) is not None and not 0.0 < getattr(args, flag) < 1.0:
+            parser.error(f"--{flag} must lie in (0, 1)")
     if args.onnx is not None and args.channels_last:
         parser.error("--channels_last applies to the PyTorch model, not to --onnx")
     check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
@@ -142,6 +152,10 @@ class OnnxSegmenter:
     def threshold(self) -> float | None:
         return float(self.metadata["threshold"]) if "threshold" in self.metadata else None
 
+    @property
+    def presence_threshold(self) -> float | None:
+        return float(self.metadata["presence_threshold"]) if "presence_threshold" in self.metadata else None
+
     def __call__(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> SemanticSegmenterOutput:
         names = self.output_names if output_attentions else ["logits"]
         outputs = dict(zip(names, self.session.run(names, {"pixel_values": pixel_values.cpu().numpy()})))
@@ -154,23 +168,23 @@ class OnnxSegmenter:
 
 
 def load_segmenter(args: argparse.Namespace):
-    """The model (PyTorch or ONNX Runtime), its image processor and its default threshold."""
+    """The model (PyTorch or ONNX Runtime), its image processor and its default threshold and presence threshold."""
     source = args.model or REPO_ROOT
     processor = load_processor(source, args.revision, args.trust_remote_code)
     if args.onnx is not None:
         segmenter = OnnxSegmenter(args.onnx)
         check_input_convention(segmenter, processor, f"--onnx {args.onnx} with the processor of {source}")
         if segmenter.threshold is not None:
-            return segmenter, processor, segmenter.threshold
+            return segmenter, processor, segmenter.threshold, segmenter.presence_threshold
         config = AutoConfig.from_pretrained(source, revision=args.revision, trust_remote_code=True)
-        return segmenter, processor, config.threshold
+        return segmenter, processor, config.threshold, config.presence_threshold
     if args.float32_matmul_precision:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model = load_model(args.model, args.revision, args.trust_remote_code).to(args.device).eval()
     check_input_convention(model.config, processor, str(args.model))
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model, processor, model.config.threshold
+    return model, processor, model.config.threshold, model.config.presence_threshold
 
 
 def iterate_batches(paths: list[Path], stems: list[str], batch_size: int) -> Iterator[tuple[list, list[str]]]:
@@ -193,19 +207,25 @@ def save_outputs(output_dir: Path, stem: str, frame: np.ndarray, result) -> None
 
 
 def segment_images(paths, stems, segment, output_dir: Path, batch_size: int) -> tuple[int, list[str]]:
-    """Writes each image's outputs; returns how many were written and the failures."""
+    """Writes each image's outputs and its row of `IMAGE_CSV_NAME`; returns how many were written and the failures."""
     failed, written = [], 0
+    if not paths:
+        return written, failed
     progress = tqdm(total=len(paths), unit="image", desc="Segmenting images")
-    for batch, batch_failures in iterate_batches(paths, stems, batch_size):
-        for failure in batch_failures:
-            tqdm.write(f"error: cannot read {failure}", file=sys.stderr)
-        failed.extend(batch_failures)
-        if batch:
-            results = segment([frame for _, frame in batch])
-            for (stem, frame), result in zip(batch, results):
-                save_outputs(output_dir, stem, frame, result)
-            written += len(batch)
-        progress.update(len(batch) + len(batch_failures))
+    with open(output_dir / IMAGE_CSV_NAME, "w", newline="") as csv_file:
+        rows = csv.writer(csv_file)
+        rows.writerow(IMAGE_CSV_FIELDS)
+        for batch, batch_failures in iterate_batches(paths, stems, batch_size):
+            for failure in batch_failures:
+                tqdm.write(f"error: cannot read {failure}", file=sys.stderr)
+            failed.extend(batch_failures)
+            if batch:
+                results = segment([frame for _, frame in batch])
+                for (stem, frame), result in zip(batch, results):
+                    save_outputs(output_dir, stem, frame, result)
+                    rows.writerow([stem, int(result.present), f"{result.score:.6f}", f"{result.area_fraction:.6f}"])
+                written += len(batch)
+            progress.update(len(batch) + len(batch_failures))
     progress.close()
     return written, failed
 
@@ -238,14 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {item}: no such file, or no image or video in it", file=sys.stderr)
     if not paths:
         return 1
-    segmenter, processor, default_threshold = load_segmenter(args)
+    segmenter, processor, default_threshold, default_presence_threshold = load_segmenter(args)
     threshold = default_threshold if args.threshold is None else args.threshold
+    presence_threshold = default_presence_threshold if args.presence_threshold is None else args.presence_threshold
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def segment(frames):
         return segment_frames(segmenter, processor, frames, threshold, args.tta, args.attention_maps,
-                              None if args.onnx else args.device, args.channels_last)
+                              None if args.onnx else args.device, args.channels_last, presence_threshold)
 
     stems = dict(zip(paths, output_stems(paths)))
     videos = [path for path in paths if path.suffix.lower() in VIDEO_EXTENSIONS]

@@ -33,7 +33,8 @@ HEATMAP_COLORMAP = "jet"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov"}
-VIDEO_CSV_FIELDS = ("frame_index", "time_seconds", "polyp_area_fraction", "mean_probability")
+VIDEO_CSV_FIELDS = ("frame_index", "time_seconds", "polyp_present", "polyp_score", "polyp_area_fraction",
+                    "mean_probability")
 # The dynamo exporter's ONNX functions (torchlib) are written for opset 18; other opsets go through a version converter.
 DEFAULT_OPSET = 18
 # Deliberately not multiples of 32, so that the traced graph keeps the model's padding as a computation on the input
@@ -208,11 +209,14 @@ def predict_logits(model, pixel_values: torch.Tensor, tta: bool = False) -> torc
 
 @dataclass
 class FrameSegmentation:
-    """One frame's result at its original size: `mask` `(H, W)` bool, `probability` `(H, W)` float32 in [0, 1], and
+    """One frame's result at its original size: `mask` `(H, W)` bool, `probability` `(H, W)` float32 in [0, 1], the
+    frame's polyp `score` (its largest probability), whether a polyp is `present` (the mask is empty where not), and
     each gate's coefficients `(1, h, w)`, coarsest first (when asked for)."""
 
     mask: np.ndarray
     probability: np.ndarray
+    score: float
+    present: bool
     gate_maps: list[torch.Tensor] | None = None
 
     @property
@@ -222,10 +226,11 @@ class FrameSegmentation:
 
 def segment_frames(model, processor, frames: list[np.ndarray], threshold: float, tta: bool = False,
                    attention_maps: bool = False, device: str | torch.device | None = None,
-                   channels_last: bool = False) -> list[FrameSegmentation]:
+                   channels_last: bool = False, presence_threshold: float | None = None) -> list[FrameSegmentation]:
     """`(H, W, 3)` uint8 frames (any sizes) -> one `FrameSegmentation` each. `model` is the PyTorch model or anything
     called like it (the ONNX Runtime session of predict.py); the masks are the processor's post-processing of the
-    (flip-averaged, with `tta`) logits, cut at `threshold`."""
+    (flip-averaged, with `tta`) logits, cut at `threshold`, empty for frames whose polyp score is below
+    `presence_threshold`."""
     pixel_values = processor(images=frames, return_tensors="pt")["pixel_values"]
     if device is not None:
         pixel_values = pixel_values.to(device)
@@ -242,18 +247,26 @@ def segment_frames(model, processor, frames: list[np.ndarray], threshold: float,
             logits = predict_logits(model, pixel_values, tta=tta)
         logits = logits.float().cpu()
         sizes = [frame.shape[:2] for frame in frames]
+        outputs = SemanticSegmenterOutput(logits=logits)
         masks = processor.post_process_semantic_segmentation(
-            SemanticSegmenterOutput(logits=logits), target_sizes=sizes, threshold=threshold
+            outputs, target_sizes=sizes, threshold=threshold, presence_threshold=presence_threshold
         )
+        scores = processor.post_process_polyp_scores(outputs).tolist()
         probabilities = [
             F.interpolate(frame_logits[None], size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid()
             for frame_logits, size in zip(logits, sizes)
         ]
     return [
-        FrameSegmentation(mask.numpy().astype(bool), probability.numpy(),
+        FrameSegmentation(mask.numpy().astype(bool), probability.numpy(), score, is_polyp_present(score, threshold,
+                                                                                                 presence_threshold),
                           [gate[index] for gate in gate_maps] if gate_maps is not None else None)
-        for index, (mask, probability) in enumerate(zip(masks, probabilities))
+        for index, (mask, probability, score) in enumerate(zip(masks, probabilities, scores))
     ]
+
+
+def is_polyp_present(score: float, threshold: float, presence_threshold: float | None) -> bool:
+    """The frame-level decision: the polyp score reaches `presence_threshold`, and some pixel passes `threshold`."""
+    return score > threshold and (presence_threshold is None or score >= presence_threshold)
 
 
 @dataclass
@@ -320,8 +333,8 @@ def segment_video(
                     if index % every == 0:
                         result = next(results)
                         latest_mask = result.mask
-                        rows.writerow([index, f"{seconds:.6f}", f"{result.area_fraction:.6f}",
-                                       f"{float(result.probability.mean()):.6f}"])
+                        rows.writerow([index, f"{seconds:.6f}", int(result.present), f"{result.score:.6f}",
+                                       f"{result.area_fraction:.6f}", f"{float(result.probability.mean()):.6f}"])
                         segmented += 1
                     shown = overlay_mask(rgb, latest_mask) if latest_mask is not None else rgb
                     for packet in stream.encode(av.VideoFrame.from_ndarray(shown, format="rgb24")):
@@ -462,6 +475,8 @@ def export_model(model, output: str | os.PathLike, opset: int = DEFAULT_OPSET, s
         num_gates = len(model(pixel_values=example[:1], output_attentions=True).attentions)
     metadata = {
         "threshold": str(model.config.threshold),
+        **({"presence_threshold": str(model.config.presence_threshold)}
+           if model.config.presence_threshold is not None else {}),
         "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
         "image_size": str(model.config.image_size),
         **onnx_input_metadata(model.config),

@@ -81,7 +81,8 @@ def test_video_overlay_keeps_frame_count_size_and_rate(clip, clip_prediction):
 
 def test_video_csv_areas_match_per_frame_masks(clip, clip_prediction, tmp_path):
     rows = read_csv(clip_prediction / "clip_frames.csv")
-    assert list(rows[0]) == ["frame_index", "time_seconds", "polyp_area_fraction", "mean_probability"]
+    assert list(rows[0]) == ["frame_index", "time_seconds", "polyp_present", "polyp_score", "polyp_area_fraction",
+                             "mean_probability"]
     assert [int(row["frame_index"]) for row in rows] == list(range(CLIP_FRAMES))
     np.testing.assert_allclose([float(row["time_seconds"]) for row in rows],
                                [index / float(CLIP_RATE) for index in range(CLIP_FRAMES)], atol=1e-3)
@@ -94,6 +95,12 @@ def test_video_csv_areas_match_per_frame_masks(clip, clip_prediction, tmp_path):
     areas = [(np.asarray(PIL.Image.open(tmp_path / "masks" / f"frame{index:03d}_mask.png")) > 0).mean()
              for index in range(CLIP_FRAMES)]
     np.testing.assert_allclose([float(row["polyp_area_fraction"]) for row in rows], areas, atol=1e-6)
+    # The frame-level columns are those predict.py writes for the same frames as images.
+    images = {row["name"]: row for row in read_csv(tmp_path / "masks" / "predictions.csv")}
+    for index, row in enumerate(rows):
+        image_row = images[f"frame{index:03d}"]
+        assert row["polyp_present"] == image_row["polyp_present"]
+        assert float(row["polyp_score"]) == pytest.approx(float(image_row["polyp_score"]), abs=1e-5)
     assert max(areas) > 0.01, "the model found no polyp in any frame: the comparison says little"
     assert all(0.0 <= float(row["mean_probability"]) <= 1.0 for row in rows)
 
