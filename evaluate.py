@@ -25,7 +25,8 @@ from segmentation_data import (
     polyp_free_crops, processor_normalization,
 )
 from segmentation_inference import (
-    add_float32_matmul_precision_argument, check_remote_code_arguments, load_model_and_processor, predict_logits,
+    add_float32_matmul_precision_argument, check_remote_code_arguments, is_polyp_present, load_model_and_processor,
+    predict_logits,
 )
 from segmentation_metrics import (
     METRIC_NAMES, confusion_counts, false_alarm_summary, format_table, metrics_from_counts, roc_auc, summarize,
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "images) whose --negative_split is read, and polyp-free crops of the evaluated split's "
                              "own frames; reports the false-alarm rates and how well a frame score tells the two kinds "
                              "of frame apart.")
+    parser.add_argument("--presence_threshold", type=float, default=None,
+                        help="Polyp score below which a frame is judged polyp-free and its mask emptied (default: "
+                             "the model's `config.presence_threshold`).")
     parser.add_argument("--negative_split", default="validation", choices=["train", "validation"])
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
@@ -72,8 +76,8 @@ def weights_provenance(model_id: str, revision: str | None) -> dict:
 
 
 def score_dataset(model, dataset: PolypSegmentationDataset, args: argparse.Namespace, threshold: float,
-                  description: str) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """Per-image confusion counts `(N, 4)`, the mean loss and each image's largest polyp probability `(N,)`."""
+                  presence_threshold: float | None, description: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Per-image confusion counts `(N, 4)`, the mean loss and each image's polyp score (largest probability) `(N,)`."""
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size)
     counts, loss_sum, max_probabilities = [], 0.0, []
     with torch.inference_mode():
@@ -81,17 +85,22 @@ def score_dataset(model, dataset: PolypSegmentationDataset, args: argparse.Names
             pixel_values, labels = batch["pixel_values"].to(args.device), batch["labels"].to(args.device)[:, None]
             logits = predict_logits(model, pixel_values, args.tta)
             probabilities = logits.float().sigmoid()
-            counts.append(confusion_counts(probabilities > threshold, labels).cpu())
-            max_probabilities.append(probabilities.flatten(1).amax(dim=1).cpu())
+            scores = probabilities.flatten(1).amax(dim=1)
+            predictions = probabilities > threshold
+            if presence_threshold is not None:  # frames judged polyp-free get an empty mask, as users see them
+                predictions &= (scores >= presence_threshold)[:, None, None, None]
+            counts.append(confusion_counts(predictions, labels).cpu())
+            max_probabilities.append(scores.cpu())
             loss_sum += model.compute_loss(logits, labels).item() * len(labels)
     return torch.cat(counts), loss_sum / len(dataset), torch.cat(max_probabilities)
 
 
-def score_negatives(model, args: argparse.Namespace, threshold: float, normalization, images: list[torch.Tensor],
-                    masks: list[torch.Tensor], positive_counts: torch.Tensor,
-                    positive_max_probabilities: torch.Tensor) -> dict:
+def score_negatives(model, args: argparse.Namespace, threshold: float, presence_threshold: float | None,
+                    normalization, images: list[torch.Tensor], masks: list[torch.Tensor],
+                    positive_counts: torch.Tensor, positive_max_probabilities: torch.Tensor) -> dict:
     """False alarms on the polyp-free frames of `--negative_dataset_name` and on polyp-free crops of the evaluated
-    frames, and the ROC AUC of two frame scores (largest probability, marked area) against the evaluated frames."""
+    frames, the frame-level decision's specificity there, and the ROC AUC of two frame scores (largest probability,
+    marked area) against the evaluated frames."""
     samples = load_negative_splits(args.negative_dataset_name)[args.negative_split]
     names, negative_images, _, problems = decode_samples(samples, args.resolution)
     if problems:
@@ -103,10 +112,12 @@ def score_negatives(model, args: argparse.Namespace, threshold: float, normaliza
     for key, (source, frames) in zip(("negatives", "own_crops"), sources.items()):
         empty = [torch.zeros(frame.shape[-2:], dtype=torch.bool) for frame in frames]
         dataset = PolypSegmentationDataset([str(i) for i in range(len(frames))], frames, empty, *normalization)
-        counts, _, max_probabilities = score_dataset(model, dataset, args, threshold, source)
+        counts, _, max_probabilities = score_dataset(model, dataset, args, threshold, presence_threshold, source)
         area = counts[:, :2].sum(1).double() / counts.sum(1).double()
+        judged_present = [is_polyp_present(score, threshold, presence_threshold) for score in max_probabilities.tolist()]
         result[key] = {
             "source": source, "num_images": len(frames), **false_alarm_summary(counts),
+            "specificity": 1.0 - sum(judged_present) / len(frames),
             "roc_auc_max_probability": roc_auc(positive_max_probabilities, max_probabilities),
             "roc_auc_marked_area": roc_auc(positive_area, area),
         }
@@ -127,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise DataError(f"{len(problems)} unusable sample(s) in the {args.split} split:\n  " + "\n  ".join(problems))
     normalization = processor_normalization(processor)
     dataset = PolypSegmentationDataset(names, images, masks, *normalization)
-    counts, loss, max_probabilities = score_dataset(model, dataset, args, threshold, f"{args.split}")
+    presence_threshold = model.config.presence_threshold if args.presence_threshold is None else args.presence_threshold
+    counts, loss, max_probabilities = score_dataset(model, dataset, args, threshold, presence_threshold, args.split)
     summary = summarize(counts)
     per_image = metrics_from_counts(counts)
 
@@ -136,13 +148,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(summary, loss))
     negatives = None
     if args.negative_dataset_name:
-        negatives = score_negatives(model, args, threshold, normalization, images, masks, counts, max_probabilities)
-        print("\n| polyp-free frames | images | > 1 % marked | any pixel marked | ROC AUC (max probability) | "
-              "ROC AUC (marked area) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+        negatives = score_negatives(model, args, threshold, presence_threshold, normalization, images, masks, counts,
+                                    max_probabilities)
+        sensitivity = sum(is_polyp_present(score, threshold, presence_threshold)
+                          for score in max_probabilities.tolist()) / len(max_probabilities)
+        print(f"\nFrames with a polyp judged to hold one (presence threshold {presence_threshold}): "
+              f"{sensitivity:.3f}\n")
+        print("| polyp-free frames | images | > 1 % marked | any pixel marked | judged polyp-free | "
+              "ROC AUC (max probability) | ROC AUC (marked area) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for entry in negatives.values():
             print(f"| {entry['source']} | {entry['num_images']} | {entry['false_alarm_rate']:.3f} | "
-                  f"{entry['any_pixel_rate']:.3f} | {entry['roc_auc_max_probability']:.3f} | "
-                  f"{entry['roc_auc_marked_area']:.3f} |")
+                  f"{entry['any_pixel_rate']:.3f} | {entry['specificity']:.3f} | "
+                  f"{entry['roc_auc_max_probability']:.3f} | {entry['roc_auc_marked_area']:.3f} |")
     result = {
         "model": args.model,
         **weights_provenance(args.model, args.revision),
@@ -152,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_images": len(dataset),
         "resolution": args.resolution,
         "threshold": threshold,
+        "presence_threshold": presence_threshold,
         "tta": args.tta,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "metrics": summary,
@@ -160,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
             {"name": name, **{metric: per_image[metric][i].item() for metric in METRIC_NAMES}}
             for i, name in enumerate(names)
         ],
-        **({"negatives": negatives} if negatives is not None else {}),
+        **({"negatives": negatives, "frame_sensitivity": sensitivity} if negatives is not None else {}),
         "command": " ".join(["python evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     if args.output_json:

@@ -278,13 +278,17 @@ def training_augmentation(
     crop_size: int | None = None,
     scale: tuple[float, float] | None = None,
     zoom: tuple[float, float] | None = None,
+    strong: bool = False,
 ) -> v2.Compose:
     """The seed recipe's augmentation: flips, rotation within +/-30 degrees, brightness/contrast/saturation +/-20 %
     (image only: v2 passes `tv_tensors.Mask` through colour transforms and resamples it with nearest-neighbour), and
     an optional random crop of side `crop_size`. With `scale`, the crop covers that range of the image's area and is
     resized to `crop_size` (as timm's RandomResizedCrop), so the model also sees polyps larger than they are. With
     `zoom`, the rotation also scales the image by a factor drawn from that range (one affine warp, so image and mask
-    share one sampling grid), before the crop: polyps both smaller and larger than they are."""
+    share one sampling grid), before the crop: polyps both smaller and larger than they are. `strong` is the
+    augmentation of the best published from-scratch Kvasir-SEG recipe (DUCK-Net): rotation within +/-180 degrees,
+    translation within +/-12.5 %, shear within +/-22.5 degrees and zoom `zoom` (default 0.5-1.5) in one warp, and
+    brightness 0.6-1.6."""
     if scale is not None and crop_size is None:
         raise ValueError("A scale range needs the crop_size the crops are resized to.")
     if scale is not None and zoom is not None:
@@ -292,12 +296,13 @@ def training_augmentation(
     transforms = []
     if scale is not None:
         transforms.append(MaskAlignedRandomResizedCrop(crop_size, scale=scale, antialias=True))
-    transforms += [
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomRotation(degrees=30) if zoom is None else v2.RandomAffine(degrees=30, scale=zoom),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-    ]
+    if strong:
+        warp = v2.RandomAffine(degrees=180, translate=(0.125, 0.125), scale=zoom or (0.5, 1.5), shear=22.5)
+        colour = v2.ColorJitter(brightness=(0.6, 1.6), contrast=0.2, saturation=0.2)
+    else:
+        warp = v2.RandomRotation(degrees=30) if zoom is None else v2.RandomAffine(degrees=30, scale=zoom)
+        colour = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
+    transforms += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), warp, colour]
     if crop_size is not None and scale is None:
         transforms.append(v2.RandomCrop(crop_size))
     return v2.Compose(transforms)

@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train_scale_jitter", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                       help="Zoom each training image by a random factor in [LOW, HIGH] (e.g. 0.75 1.33), before any "
                            "crop: scale augmentation around the scale the model is evaluated at.")
+    data.add_argument("--strong_augmentation", action="store_true",
+                      help="The augmentation of the best published from-scratch Kvasir-SEG recipe (DUCK-Net): "
+                           "rotation +/-180 degrees, translation +/-12.5 %%, shear +/-22.5 degrees, zoom 0.5-1.5 (or "
+                           "--train_scale_jitter), brightness 0.6-1.6, instead of the seed recipe's milder one.")
     data.add_argument("--final_full_frame_epochs", type=int, default=0,
                       help="Train the last N epochs on whole images at --resolution instead of --train_crop_size "
                            "crops, so training ends at the scale and context of evaluation.")
@@ -403,9 +407,10 @@ def decode_negatives(args: argparse.Namespace) -> dict[str, list[torch.Tensor]]:
 def training_augmentation_for(args: argparse.Namespace, crop_size: int | None):
     """The training augmentation of `args`, with crops of `crop_size` (`None`: whole images)."""
     if args.train_scale is not None:
-        return training_augmentation(crop_size or args.resolution, scale=tuple(args.train_scale))
+        return training_augmentation(crop_size or args.resolution, scale=tuple(args.train_scale),
+                                     strong=args.strong_augmentation)
     zoom = tuple(args.train_scale_jitter) if args.train_scale_jitter is not None else None
-    return training_augmentation(crop_size, zoom=zoom)
+    return training_augmentation(crop_size, zoom=zoom, strong=args.strong_augmentation)
 
 
 def dataloader_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict:
@@ -911,6 +916,7 @@ def main(argv: list[str] | None = None) -> None:
     run_config = {
         "encoder_name": config.encoder_name, "resolution": args.resolution, "train_crop_size": args.train_crop_size,
         "train_scale": args.train_scale, "train_scale_jitter": args.train_scale_jitter,
+        "strong_augmentation": args.strong_augmentation,
         "final_full_frame_epochs": args.final_full_frame_epochs, "model_ema_decay": args.model_ema_decay,
         "num_train_epochs": num_train_epochs, "max_train_steps": max_train_steps,
         "total_batch_size": args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,

@@ -160,9 +160,11 @@ def test_training_with_negatives_resumes_mid_epoch_exactly(run_with_negatives, s
     assert_same_weights(final_weights(tmp_path), final_weights(run_with_negatives))
 
 
-@pytest.mark.parametrize("bias, rate", [(-30.0, 0.0), (30.0, 1.0)], ids=["quiet", "marks-everything"])
-def test_evaluate_reports_the_false_alarm_rate_on_polyp_free_frames(bias, rate, tiny_model_dir, small_nopolyp_dir,
-                                                                     kvasir_root, tmp_path):
+@pytest.mark.parametrize("bias, flags, rate", [
+    (-30.0, [], 0.0), (30.0, [], 1.0), (1.0, ["--presence_threshold", "0.9"], 0.0),
+], ids=["quiet", "marks-everything", "judged-polyp-free-by-the-presence-threshold"])
+def test_evaluate_reports_the_false_alarm_rate_on_polyp_free_frames(bias, flags, rate, tiny_model_dir,
+                                                                     small_nopolyp_dir, kvasir_root, tmp_path):
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(tiny_model_dir, tmp_path / "model")
@@ -173,11 +175,15 @@ def test_evaluate_reports_the_false_alarm_rate_on_polyp_free_frames(bias, rate, 
     completed = subprocess.run(
         [sys.executable, "evaluate.py", "--model", str(tmp_path / "model"), "--dataset_name", str(kvasir_root),
          "--split", "validation", "--max_eval_samples", "6", "--resolution", "64",
-         "--negative_dataset_name", str(small_nopolyp_dir), "--output_json", str(tmp_path / "result.json")],
+         "--negative_dataset_name", str(small_nopolyp_dir), "--output_json", str(tmp_path / "result.json"), *flags],
         cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    negatives = json.loads((tmp_path / "result.json").read_text())["negatives"]
+    result = json.loads((tmp_path / "result.json").read_text())
+    negatives = result["negatives"]
     assert negatives["negatives"]["num_images"] == 4
     for entry in negatives.values():
-        assert entry["false_alarm_rate"] == entry["any_pixel_rate"] == rate
+        assert entry["false_alarm_rate"] == entry["any_pixel_rate"] == rate == 1.0 - entry["specificity"]
+    assert result["frame_sensitivity"] == rate
+    if rate == 0.0 and flags:  # every frame judged polyp-free: no mask is left on the polyp frames either
+        assert result["metrics"]["mean_recall"] == 0.0
     assert "| polyp-free frames |" in completed.stdout

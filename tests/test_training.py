@@ -66,8 +66,8 @@ def drawn_sample() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(
     "augmentation_kwargs",
     [{}, {"crop_size": 64}, {"crop_size": 96, "scale": (0.3, 1.0)}, {"crop_size": 80, "scale": (0.3, 0.6)},
-     {"zoom": (0.5, 2.0)}, {"crop_size": 64, "zoom": (0.75, 1.33)}],
-    ids=["whole", "crop", "scale", "scaled-crop", "zoom", "zoomed-crop"],
+     {"zoom": (0.5, 2.0)}, {"crop_size": 64, "zoom": (0.75, 1.33)}, {"crop_size": 64, "strong": True}],
+    ids=["whole", "crop", "scale", "scaled-crop", "zoom", "zoomed-crop", "strong"],
 )
 def test_augmentation_keeps_image_and_mask_aligned(augmentation_kwargs):
     """A mask drawn into the image must still coincide with the mask after crops, flips, rotation and jitter."""
