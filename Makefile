@@ -75,20 +75,21 @@ release: install
 	$(BIN)/python make_model_card.py --dataset_name $(KVASIR_SEG_DIR)
 
 # Short runs that decide how the polyp-free frames are trained on before the long run: the shipped weights fine-tuned
-# for PROBE_EPOCHS epochs with each (negative ratio, Dice on empty masks) pair, one after the other, each resuming
-# where it stopped. Their metrics.jsonl files (training subset, validation mDice, false alarms) are the comparison.
+# for PROBE_EPOCHS epochs with each RATIO:DICE_ON_EMPTY_MASKS:AUGMENTATION (seed or strong) of PROBES, one after the
+# other, each resuming where it stopped. Their metrics.jsonl files (training subset, validation mDice, false alarms)
+# are the comparison.
 PROBE_EPOCHS ?= 6
-PROBES ?= 0.25:true 0.25:false 0.5:true 0.1:true
+PROBES ?= 0.25:true:seed 0.25:false:seed 0.5:true:seed 0.25:true:strong
 negative-probes: install
 	for probe in $(PROBES); do \
-	  ratio=$${probe%%:*}; dice=$${probe##*:}; \
+	  ratio=$$(echo $$probe | cut -d: -f1); dice=$$(echo $$probe | cut -d: -f2); aug=$$(echo $$probe | cut -d: -f3); \
 	  $(BIN)/python train_accelerate.py \
 	    --dataset_name $(KVASIR_SEG_DIR) --negative_dataset_name $(NOPOLYP_DIR) --negative_ratio $$ratio \
 	    --closeup_probability 0.15 --init_from . --config_overrides "dice_on_empty_masks=$$dice" \
-	    --output_dir runs/probes/ratio$$ratio-dice_on_empty_$$dice \
+	    $$([ "$$aug" = strong ] && echo --strong_augmentation) \
+	    --output_dir runs/probes/ratio$$ratio-dice_on_empty_$$dice$$([ "$$aug" = strong ] && echo -strong) \
 	    --resolution 256 --train_crop_size 160 --train_scale_jitter 0.75 1.33 --train_eval_samples 60 \
 	    --num_train_epochs $(PROBE_EPOCHS) --per_device_train_batch_size 16 --learning_rate 2e-4 --weight_decay 0.05 \
 	    --warmup_ratio 0.05 --channels_last --float32_matmul_precision medium --seed 60 \
 	    --checkpointing_steps epoch --save_total_limit 1 --report_to none --resume_from_checkpoint latest || exit 1; \
 	done
-
