@@ -4,10 +4,11 @@
     python app.py                                   # this repository's weights, on Gradio's default address
     python app.py --model . --server_name 127.0.0.1 --server_port 7860
 
-Frame tab: upload a colonoscopy frame (or pick one of examples/) and see the overlay, the polyp probability as a heat
-map, each attention gate's coefficients (what the gates let through from each skip connection), the binary mask and
-the polyp's share of the frame; the threshold slider and the flip-TTA switch re-run the model. Video tab: a video
-(.mp4, .avi, .mkv, .mov) comes back overlaid, with the per-frame CSV that `predict.py` writes. Everything runs
+Frame tab: upload a colonoscopy frame (or click one of the examples/ frames, with and without a polyp) and see the
+overlay, the polyp probability as a heat map, each attention gate's coefficients (what the gates let through from
+each skip connection), the binary mask, the polyp's share of the frame and the frame's polyp score ("No polyp found"
+where the frame is judged polyp-free); the threshold slider and the flip-TTA switch re-run the model. Video tab: a
+video (.mp4, .avi, .mkv, .mov) comes back overlaid, with the per-frame CSV that `predict.py` writes. Everything runs
 through `segmentation_inference`, the code `predict.py` and `evaluate.py` use. A file that cannot be read is named in
 a message on the page; the app keeps serving.
 """
@@ -69,6 +70,14 @@ def read_frame(path: str) -> np.ndarray:
             return to_rgb_uint8(image)
     except Exception as error:  # noqa: BLE001 - any decoding failure is the upload's fault, shown in the page
         raise UploadError(f"Cannot read {Path(path).name} as an image ({type(error).__name__}: {error}).") from error
+
+
+def example_caption(path: Path) -> str:
+    return "polyp-free" if path.stem.startswith("nopolyp") else "with a polyp"
+
+
+def pick_example(selected: gr.SelectData) -> str:
+    return str(EXAMPLES[selected.index])
 
 
 def problem(message: str) -> str:
@@ -133,7 +142,11 @@ def build_demo(model, processor, device: str = "cpu") -> gr.Blocks:
                     threshold = gr.Slider(0.05, 0.95, value=default_threshold, step=0.05,
                                           label="Threshold (polyp probability)")
                     tta = gr.Checkbox(value=False, label="Flip test-time augmentation (4 passes)")
-                    gr.Examples([[str(path)] for path in EXAMPLES], inputs=[frame_input])
+                    # Pictures, not file names: a click puts the frame into the input above.
+                    examples = gr.Gallery([(str(path), example_caption(path)) for path in EXAMPLES],
+                                          label="Examples (click one)", columns=3, allow_preview=False,
+                                          elem_id="examples", format="png")
+                    examples.select(pick_example, None, frame_input, api_name=False)
                 with gr.Column():
                     summary = gr.Markdown(elem_id="frame-summary")
                     overlay = gr.Image(label="Overlay", elem_id="overlay", format="png")

@@ -103,6 +103,21 @@ def test_browser_upload_shows_the_overlay_at_the_frame_size_with_the_polyp_marke
     assert "% of the frame" in page.locator("#frame-summary").inner_text()
 
 
+def test_browser_examples_are_pictures_with_and_without_polyps_and_a_click_segments_one(page):
+    from app import EXAMPLES
+
+    pictures = page.locator("#examples img")
+    pictures.first.wait_for(state="visible", timeout=60_000)
+    assert pictures.count() == len(EXAMPLES)
+    captions = page.locator("#examples").inner_text()
+    assert "polyp-free" in captions and "with a polyp" in captions
+    polyp_free = [index for index, path in enumerate(EXAMPLES) if path.stem.startswith("nopolyp")]
+    pictures.nth(polyp_free[0]).click()
+    summary = page.locator("#frame-summary")
+    summary.get_by_text("score").wait_for(timeout=240_000)
+    assert "(score " in summary.inner_text()
+
+
 def test_browser_bad_upload_shows_a_message_and_the_app_keeps_serving(page, tmp_path):
     bad = tmp_path / "not_an_image.png"
     bad.write_text("this is not an image")
