@@ -29,7 +29,8 @@ from segmentation_inference import (
     predict_logits,
 )
 from segmentation_metrics import (
-    METRIC_NAMES, confusion_counts, false_alarm_summary, format_table, metrics_from_counts, roc_auc, summarize,
+    METRIC_NAMES, confusion_counts, counts_with_frames_judged_free, false_alarm_summary, format_table,
+    metrics_from_counts, presence_threshold_for, roc_auc, summarize,
 )
 
 
@@ -58,10 +59,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--presence_threshold", type=float, default=None,
                         help="Polyp score below which a frame is judged polyp-free and its mask emptied (default: "
                              "the model's `config.presence_threshold`).")
+    parser.add_argument("--choose_presence_threshold", type=float, default=None, metavar="MIN_SENSITIVITY",
+                        help="Choose the presence threshold on this split (validation only) as the largest that still "
+                             "judges MIN_SENSITIVITY of its frames with a polyp to hold one (e.g. 0.98), write it to "
+                             "the --model folder's config.json, and report the figures with it.")
     parser.add_argument("--negative_split", default="validation", choices=["train", "validation"])
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
+    if args.choose_presence_threshold is not None:
+        if args.split != "validation" or (args.negative_dataset_name and args.negative_split != "validation"):
+            parser.error("--choose_presence_threshold chooses on validation frames only: pass --split validation "
+                         "(and --negative_split validation).")
+        if not Path(args.model).is_dir():
+            parser.error("--choose_presence_threshold writes the model folder's config.json: --model must be a local "
+                         "folder.")
+        if not 0.0 < args.choose_presence_threshold <= 1.0:
+            parser.error(f"--choose_presence_threshold must lie in (0, 1], got {args.choose_presence_threshold}.")
     return args
 
 
@@ -76,52 +90,62 @@ def weights_provenance(model_id: str, revision: str | None) -> dict:
 
 
 def score_dataset(model, dataset: PolypSegmentationDataset, args: argparse.Namespace, threshold: float,
-                  presence_threshold: float | None, description: str) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """Per-image confusion counts `(N, 4)`, the mean loss and each image's polyp score (largest probability) `(N,)`."""
+                  description: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Per-image confusion counts `(N, 4)` at `threshold`, the mean loss and each image's polyp score (its largest
+    probability) `(N,)`."""
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size)
-    counts, loss_sum, max_probabilities = [], 0.0, []
+    counts, loss_sum, scores = [], 0.0, []
     with torch.inference_mode():
         for batch in tqdm(dataloader, desc=f"{description} ({len(dataset)} images)"):
             pixel_values, labels = batch["pixel_values"].to(args.device), batch["labels"].to(args.device)[:, None]
             logits = predict_logits(model, pixel_values, args.tta)
             probabilities = logits.float().sigmoid()
-            scores = probabilities.flatten(1).amax(dim=1)
-            predictions = probabilities > threshold
-            if presence_threshold is not None:  # frames judged polyp-free get an empty mask, as users see them
-                predictions &= (scores >= presence_threshold)[:, None, None, None]
-            counts.append(confusion_counts(predictions, labels).cpu())
-            max_probabilities.append(scores.cpu())
+            counts.append(confusion_counts(probabilities > threshold, labels).cpu())
+            scores.append(probabilities.flatten(1).amax(dim=1).cpu())
             loss_sum += model.compute_loss(logits, labels).item() * len(labels)
-    return torch.cat(counts), loss_sum / len(dataset), torch.cat(max_probabilities)
+    return torch.cat(counts), loss_sum / len(dataset), torch.cat(scores)
 
 
-def score_negatives(model, args: argparse.Namespace, threshold: float, presence_threshold: float | None,
-                    normalization, images: list[torch.Tensor], masks: list[torch.Tensor],
-                    positive_counts: torch.Tensor, positive_max_probabilities: torch.Tensor) -> dict:
-    """False alarms on the polyp-free frames of `--negative_dataset_name` and on polyp-free crops of the evaluated
-    frames, the frame-level decision's specificity there, and the ROC AUC of two frame scores (largest probability,
-    marked area) against the evaluated frames."""
+def score_negatives(model, args: argparse.Namespace, threshold: float, normalization, images: list[torch.Tensor],
+                    masks: list[torch.Tensor]) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
+    """Counts and polyp scores of the polyp-free frames of `--negative_dataset_name` (key `negatives`) and of
+    polyp-free crops of the evaluated frames (`own_crops`), each with a description of its source."""
     samples = load_negative_splits(args.negative_dataset_name)[args.negative_split]
     names, negative_images, _, problems = decode_samples(samples, args.resolution)
     if problems:
         raise DataError(f"{len(problems)} unusable frame(s) in {args.negative_dataset_name}:\n  " + "\n  ".join(problems))
-    sources = {f"{args.negative_split} split of {args.negative_dataset_name}": negative_images,
-               f"polyp-free crops of the {args.split} frames": polyp_free_crops(images, masks)}
-    positive_area = positive_counts[:, :2].sum(1).double() / positive_counts.sum(1).double()
-    result = {}
-    for key, (source, frames) in zip(("negatives", "own_crops"), sources.items()):
+    sources = {"negatives": (f"{args.negative_split} split of {args.negative_dataset_name}", negative_images),
+               "own_crops": (f"polyp-free crops of the {args.split} frames", polyp_free_crops(images, masks))}
+    scored = {}
+    for key, (source, frames) in sources.items():
         empty = [torch.zeros(frame.shape[-2:], dtype=torch.bool) for frame in frames]
         dataset = PolypSegmentationDataset([str(i) for i in range(len(frames))], frames, empty, *normalization)
-        counts, _, max_probabilities = score_dataset(model, dataset, args, threshold, presence_threshold, source)
-        area = counts[:, :2].sum(1).double() / counts.sum(1).double()
-        judged_present = [is_polyp_present(score, threshold, presence_threshold) for score in max_probabilities.tolist()]
-        result[key] = {
-            "source": source, "num_images": len(frames), **false_alarm_summary(counts),
-            "specificity": 1.0 - sum(judged_present) / len(frames),
-            "roc_auc_max_probability": roc_auc(positive_max_probabilities, max_probabilities),
-            "roc_auc_marked_area": roc_auc(positive_area, area),
-        }
-    return result
+        counts, _, scores = score_dataset(model, dataset, args, threshold, source)
+        scored[key] = (source, counts, scores)
+    return scored
+
+
+def negative_summary(source: str, counts: torch.Tensor, scores: torch.Tensor, positive_counts: torch.Tensor,
+                     positive_scores: torch.Tensor, threshold: float, presence_threshold: float | None) -> dict:
+    """False alarms (with the frames judged polyp-free emptied), the frame-level specificity, and the ROC AUC of two
+    frame scores (largest probability, marked area) against the frames with a polyp."""
+    marked_area = lambda c: c[:, :2].sum(1).double() / c.sum(1).double()  # noqa: E731
+    judged_present = [is_polyp_present(score, threshold, presence_threshold) for score in scores.tolist()]
+    return {
+        "source": source, "num_images": len(scores),
+        **false_alarm_summary(counts_with_frames_judged_free(counts, scores, presence_threshold)),
+        "specificity": 1.0 - sum(judged_present) / len(scores),
+        "roc_auc_max_probability": roc_auc(positive_scores, scores),
+        "roc_auc_marked_area": roc_auc(marked_area(positive_counts), marked_area(counts)),
+    }
+
+
+def write_presence_threshold(model_dir: str, value: float) -> None:
+    """Stores `value` as `presence_threshold` in the local model folder's config.json, every other field unchanged."""
+    config_file = Path(model_dir) / "config.json"
+    config = json.loads(config_file.read_text())
+    config["presence_threshold"] = value
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -138,20 +162,26 @@ def main(argv: list[str] | None = None) -> dict:
         raise DataError(f"{len(problems)} unusable sample(s) in the {args.split} split:\n  " + "\n  ".join(problems))
     normalization = processor_normalization(processor)
     dataset = PolypSegmentationDataset(names, images, masks, *normalization)
+    raw_counts, loss, scores = score_dataset(model, dataset, args, threshold, args.split)
+    negatives = score_negatives(model, args, threshold, normalization, images, masks) if args.negative_dataset_name \
+        else None
     presence_threshold = model.config.presence_threshold if args.presence_threshold is None else args.presence_threshold
-    counts, loss, max_probabilities = score_dataset(model, dataset, args, threshold, presence_threshold, args.split)
+    if args.choose_presence_threshold is not None:
+        presence_threshold = presence_threshold_for(scores, args.choose_presence_threshold)
+        write_presence_threshold(args.model, presence_threshold)
+        print(f"Chose presence threshold {presence_threshold:.6f} (at least {args.choose_presence_threshold:g} of the "
+              f"{args.split} frames with a polyp judged to hold one); wrote it to {args.model}/config.json.")
+    counts = counts_with_frames_judged_free(raw_counts, scores, presence_threshold)
     summary = summarize(counts)
     per_image = metrics_from_counts(counts)
 
     print(f"\n{args.model} on the {args.split} split of {args.dataset_name} ({len(dataset)} images, "
           f"{args.resolution}x{args.resolution}{', flip TTA' if args.tta else ''}):\n")
     print(format_table(summary, loss))
-    negatives = None
-    if args.negative_dataset_name:
-        negatives = score_negatives(model, args, threshold, presence_threshold, normalization, images, masks, counts,
-                                    max_probabilities)
-        sensitivity = sum(is_polyp_present(score, threshold, presence_threshold)
-                          for score in max_probabilities.tolist()) / len(max_probabilities)
+    sensitivity = sum(is_polyp_present(score, threshold, presence_threshold) for score in scores.tolist()) / len(scores)
+    if negatives is not None:
+        negatives = {key: negative_summary(*scored, raw_counts, scores, threshold, presence_threshold)
+                     for key, scored in negatives.items()}
         print(f"\nFrames with a polyp judged to hold one (presence threshold {presence_threshold}): "
               f"{sensitivity:.3f}\n")
         print("| polyp-free frames | images | > 1 % marked | any pixel marked | judged polyp-free | "
@@ -178,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
             {"name": name, **{metric: per_image[metric][i].item() for metric in METRIC_NAMES}}
             for i, name in enumerate(names)
         ],
-        **({"negatives": negatives, "frame_sensitivity": sensitivity} if negatives is not None else {}),
+        "frame_sensitivity": sensitivity,
+        **({"negatives": negatives} if negatives is not None else {}),
         "command": " ".join(["python evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     if args.output_json:

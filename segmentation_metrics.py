@@ -87,3 +87,22 @@ def roc_auc(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> flo
     positive, negative = positive_scores.double()[:, None], negative_scores.double()[None, :]
     return ((positive > negative).double() + 0.5 * (positive == negative).double()).mean().item()
 
+
+def counts_with_frames_judged_free(counts: torch.Tensor, scores: torch.Tensor,
+                                   presence_threshold: float | None) -> torch.Tensor:
+    """`(N, 4)` counts as they become when the frames whose polyp score `(N,)` is below `presence_threshold` get an
+    empty mask (their marked pixels turn into misses or true negatives)."""
+    if presence_threshold is None:
+        return counts
+    tp, fp, fn, tn = counts.unbind(dim=1)
+    emptied = torch.stack([torch.zeros_like(tp), torch.zeros_like(fp), tp + fn, fp + tn], dim=1)
+    return torch.where((scores < presence_threshold)[:, None], emptied, counts)
+
+
+def presence_threshold_for(positive_scores: torch.Tensor, min_sensitivity: float) -> float:
+    """The largest presence threshold that still judges at least `min_sensitivity` of the frames with a polyp (their
+    scores `(N,)`) to hold one."""
+    ordered = positive_scores.double().sort().values
+    allowed_misses = int((1.0 - min_sensitivity) * len(ordered) + 1e-9)
+    return ordered[allowed_misses].item()
+

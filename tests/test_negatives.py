@@ -187,3 +187,30 @@ def test_evaluate_reports_the_false_alarm_rate_on_polyp_free_frames(bias, flags,
     if rate == 0.0 and flags:  # every frame judged polyp-free: no mask is left on the polyp frames either
         assert result["metrics"]["mean_recall"] == 0.0
     assert "| polyp-free frames |" in completed.stdout
+
+
+def test_presence_threshold_keeps_the_asked_sensitivity_and_gating_empties_the_masks():
+    from segmentation_metrics import counts_with_frames_judged_free, presence_threshold_for
+
+    scores = torch.tensor([0.2, 0.9, 0.6, 0.95, 0.7])
+    assert presence_threshold_for(scores, 1.0) == pytest.approx(0.2)
+    assert presence_threshold_for(scores, 0.8) == pytest.approx(0.6)  # one of five frames may be missed
+    counts = torch.tensor([[5, 1, 2, 8], [3, 0, 0, 13]])
+    gated = counts_with_frames_judged_free(counts, torch.tensor([0.4, 0.9]), 0.5)
+    assert gated.tolist() == [[0, 0, 7, 9], [3, 0, 0, 13]]
+    assert torch.equal(counts_with_frames_judged_free(counts, torch.tensor([0.4, 0.9]), None), counts)
+
+
+def test_evaluate_chooses_the_presence_threshold_on_validation_and_writes_it(tiny_model_dir, kvasir_root, tmp_path):
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    command = [sys.executable, "evaluate.py", "--model", str(tmp_path / "model"), "--dataset_name", str(kvasir_root),
+               "--max_eval_samples", "6", "--resolution", "64", "--choose_presence_threshold", "0.5"]
+    refused = subprocess.run([*command, "--split", "test"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "validation frames only" in refused.stderr
+    completed = subprocess.run([*command, "--split", "validation", "--output_json", str(tmp_path / "result.json")],
+                               cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    written = json.loads((tmp_path / "model" / "config.json").read_text())["presence_threshold"]
+    assert written == result["presence_threshold"] and 0.0 < written < 1.0
+    assert result["frame_sensitivity"] >= 0.5
