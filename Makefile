@@ -8,19 +8,21 @@ BIN = $(VENV)/bin
 
 KVASIR_SEG_DIR ?= ../shared/data/kvasir-seg
 NOPOLYP_DIR ?= ../shared/data/nopolyp
-TRAIN_OUTPUT_DIR ?= runs/cpu-v2
-# Committed as the run went: where the CPU long run goes on when its checkpoints are gone (a new machine). The run has
-# ended and was released as stage 10; the committed copy is an earlier epoch of it.
-TRAIN_SNAPSHOT_DIR ?= snapshots/cpu-v2
+# The CPU long run that trains the next weights: its recipe, its checkpoints (this machine only) and its snapshot,
+# committed as the run goes: where it goes on when its checkpoints are gone (a new machine).
+TRAIN_RECIPE ?= recipes/cpu_negatives.yaml
+TRAIN_OUTPUT_DIR ?= runs/cpu-v3
+TRAIN_SNAPSHOT_DIR ?= snapshots/cpu-v3
 
 .PHONY: install demo app test test-all train-cpu release negative-probes
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --editable .
 	touch $@
 
 demo: install
@@ -41,35 +43,28 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest tests -q
 
-# One cosine schedule over 250 epochs: 160x160 crops of 256x256 frames with zoom jitter, the last 12 epochs on whole
-# frames; the v2 decoder on the encoder of the weights at the root when it started (stage 9's); EMA of the weights;
-# float32 matrix products through oneDNN (README: Training speed).
 # Resumes from the newest checkpoint in TRAIN_OUTPUT_DIR, else from TRAIN_SNAPSHOT_DIR (fp16 EMA weights, rewritten
-# after every epoch) at its epoch, else starts.
+# after every epoch) at its epoch, else starts the recipe.
 train-cpu: install
-	$(BIN)/python train_accelerate.py \
-	  --dataset_name $(KVASIR_SEG_DIR) --output_dir $(TRAIN_OUTPUT_DIR) \
-	  --config_overrides "decoder_upsampling=nearest,attention_gate_output_transform=true,drop_path_rate=0.1" \
-	  --init_encoder_from . \
-	  --resolution 256 --train_crop_size 160 --train_scale_jitter 0.75 1.33 --final_full_frame_epochs 12 \
-	  --num_train_epochs 250 --per_device_train_batch_size 16 --learning_rate 1e-3 --weight_decay 0.05 \
-	  --warmup_ratio 0.02 --model_ema_decay 0.999 --model_ema_warmup --channels_last --float32_matmul_precision medium \
-	  --seed 60 \
-	  --checkpointing_steps epoch --save_total_limit 2 --report_to tensorboard \
+	$(BIN)/python train_accelerate.py --config $(TRAIN_RECIPE) \
+	  --dataset_name $(KVASIR_SEG_DIR) --negative_dataset_name $(NOPOLYP_DIR) --output_dir $(TRAIN_OUTPUT_DIR) \
 	  --resume_from_checkpoint latest --snapshot_dir $(TRAIN_SNAPSHOT_DIR)
 
 # When the long run has ended: its last snapshot (the final EMA weights, stored in fp16 with tensors beyond fp16's range
 # in fp32; config.json's dtype float32 loads them as float32) becomes the shipped model, the run's logs become
 # training/$(RELEASE_STAGE), and the card's figures are measured again and regenerated.
 RELEASE_FROM ?= $(TRAIN_SNAPSHOT_DIR)
-RELEASE_STAGE ?= stage10
+RELEASE_STAGE ?= stage11
 EVALUATE = $(BIN)/python evaluate.py --model . --dataset_name $(KVASIR_SEG_DIR)
+# The share of validation frames with a polyp that the presence threshold must still judge to hold one.
+PRESENCE_SENSITIVITY ?= 0.98
 
 release: install
 	cp $(RELEASE_FROM)/model.safetensors $(RELEASE_FROM)/config.json .
 	mkdir -p training/$(RELEASE_STAGE)
 	cp $(RELEASE_FROM)/metrics.jsonl $(RELEASE_FROM)/invocations.jsonl training/$(RELEASE_STAGE)/
-	$(EVALUATE) --split validation --output_json eval/validation.json
+	$(EVALUATE) --split validation --negative_dataset_name $(NOPOLYP_DIR) \
+	  --choose_presence_threshold $(PRESENCE_SENSITIVITY) --output_json eval/validation.json
 	$(EVALUATE) --split test --output_json eval/test.json
 	$(EVALUATE) --split test --tta --output_json eval/test_tta.json
 	$(BIN)/python make_model_card.py --dataset_name $(KVASIR_SEG_DIR)

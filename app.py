@@ -9,8 +9,8 @@ overlay, the polyp probability as a heat map, each attention gate's coefficients
 each skip connection), the binary mask, the polyp's share of the frame and the frame's polyp score ("No polyp found"
 where the frame is judged polyp-free); the threshold slider and the flip-TTA switch re-run the model. Video tab: a
 video (.mp4, .avi, .mkv, .mov) comes back overlaid, with the per-frame CSV that `predict.py` writes. Everything runs
-through `segmentation_inference`, the code `predict.py` and `evaluate.py` use. A file that cannot be read is named in
-a message on the page; the app keeps serving.
+through the `polyp_segmentation` package, the code `predict.py` and `evaluate.py` use. A file that cannot be read is
+named in a message on the page; the app keeps serving.
 """
 
 import argparse
@@ -19,24 +19,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the demo must run offline
 
 import gradio as gr  # noqa: E402
 
-from image_processing_attention_unet import to_rgb_uint8  # noqa: E402
-from segmentation_inference import (  # noqa: E402
-    VIDEO_EXTENSIONS,
-    add_float32_matmul_precision_argument,
-    check_remote_code_arguments,
-    heat_map,
-    load_model_and_processor,
-    overlay_mask,
-    segment_frames,
-    segment_video,
-)
+from polyp_segmentation.cli import add_float32_matmul_precision_argument, add_model_arguments, check_model_arguments
+from polyp_segmentation.drawing import heat_map, overlay_mask
+from polyp_segmentation.inference import read_rgb, segment_frames
+from polyp_segmentation.loading import load_model_and_processor
+from polyp_segmentation.video import VIDEO_EXTENSIONS, segment_video
 
 REPO_ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.jpg"))
@@ -44,10 +37,7 @@ EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.jpg"))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REPO_ROOT), help="A saved model folder or a Hub model id.")
-    parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="Allow a Hub model, whose Python code (configuration, model, processor) then runs here.")
+    add_model_arguments(parser, default=str(REPO_ROOT))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--server_name", default=None,
                         help="Address to listen on (default: Gradio's, 127.0.0.1, or $GRADIO_SERVER_NAME on a Space).")
@@ -55,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Port (default: Gradio's, 7860 or the next free one).")
     add_float32_matmul_precision_argument(parser)
     args = parser.parse_args(argv)
-    check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
+    check_model_arguments(parser, args)
     return args
 
 
@@ -65,9 +55,7 @@ class UploadError(ValueError):
 
 def read_frame(path: str) -> np.ndarray:
     try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return to_rgb_uint8(image)
+        return read_rgb(path)
     except Exception as error:  # noqa: BLE001 - any decoding failure is the upload's fault, shown in the page
         raise UploadError(f"Cannot read {Path(path).name} as an image ({type(error).__name__}: {error}).") from error
 

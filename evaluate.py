@@ -20,26 +20,35 @@ from tqdm.auto import tqdm
 from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
-from segmentation_data import (
-    DEFAULT_DATASET, DataError, PolypSegmentationDataset, decode_samples, load_negative_splits, load_splits,
-    polyp_free_crops, processor_normalization,
+from polyp_segmentation.cli import add_float32_matmul_precision_argument, add_model_arguments, check_model_arguments
+from polyp_segmentation.data import (
+    DEFAULT_DATASET,
+    DataError,
+    PolypSegmentationDataset,
+    decode_samples,
+    load_negative_splits,
+    load_splits,
+    polyp_free_crops,
+    processor_normalization,
 )
-from segmentation_inference import (
-    add_float32_matmul_precision_argument, check_remote_code_arguments, is_polyp_present, load_model_and_processor,
-    predict_logits,
-)
-from segmentation_metrics import (
-    METRIC_NAMES, confusion_counts, counts_with_frames_judged_free, false_alarm_summary, format_table,
-    metrics_from_counts, presence_threshold_for, roc_auc, summarize,
+from polyp_segmentation.inference import is_polyp_present, predict_logits
+from polyp_segmentation.loading import file_sha256, load_model_and_processor
+from polyp_segmentation.metrics import (
+    METRIC_NAMES,
+    confusion_counts,
+    counts_with_frames_judged_free,
+    false_alarm_summary,
+    format_table,
+    metrics_from_counts,
+    presence_threshold_for,
+    roc_auc,
+    summarize,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="A saved model folder or a Hub model id.")
-    parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="Allow a Hub model, whose Python code (configuration, model, processor) then runs here.")
+    add_model_arguments(parser, required=True)
     parser.add_argument("--dataset_name", default=DEFAULT_DATASET,
                         help="A Hub dataset id, or a local folder with images/, masks/ and splits/.")
     parser.add_argument("--image_column_name", default=None)
@@ -66,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--negative_split", default="validation", choices=["train", "validation"])
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
-    check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
+    check_model_arguments(parser, args)
     if args.choose_presence_threshold is not None:
         if args.split != "validation" or (args.negative_dataset_name and args.negative_split != "validation"):
             parser.error("--choose_presence_threshold chooses on validation frames only: pass --split validation "
@@ -82,11 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def weights_provenance(model_id: str, revision: str | None) -> dict:
     """sha256 of the `model.safetensors` that was evaluated and, for a Hub model, the commit it came from."""
     path = cached_file(model_id, "model.safetensors", revision=revision)
-    digest = hashlib.sha256()
-    with open(path, "rb") as weights:
-        for chunk in iter(lambda: weights.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"weights_sha256": digest.hexdigest(), "revision": None if Path(model_id).is_dir() else extract_commit_hash(path, None)}
+    revision = None if Path(model_id).is_dir() else extract_commit_hash(path, None)
+    return {"weights_sha256": file_sha256(path), "revision": revision}
 
 
 def score_dataset(model, dataset: PolypSegmentationDataset, args: argparse.Namespace, threshold: float,
@@ -113,7 +119,8 @@ def score_negatives(model, args: argparse.Namespace, threshold: float, normaliza
     samples = load_negative_splits(args.negative_dataset_name)[args.negative_split]
     names, negative_images, _, problems = decode_samples(samples, args.resolution)
     if problems:
-        raise DataError(f"{len(problems)} unusable frame(s) in {args.negative_dataset_name}:\n  " + "\n  ".join(problems))
+        listing = "\n  ".join(problems)
+        raise DataError(f"{len(problems)} unusable frame(s) in {args.negative_dataset_name}:\n  {listing}")
     sources = {"negatives": (f"{args.negative_split} split of {args.negative_dataset_name}", negative_images),
                "own_crops": (f"polyp-free crops of the {args.split} frames", polyp_free_crops(images, masks))}
     scored = {}

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segmentation_inference import (
-    DEFAULT_OPSET, OnnxExportWrapper, UntrustedRemoteCodeError, check_remote_code_arguments, export_model, load_model,
-    load_processor,
-)
+from polyp_segmentation.cli import add_model_arguments, check_model_arguments
+from polyp_segmentation.inference import read_rgb
+from polyp_segmentation.loading import UntrustedRemoteCodeError, load_model, load_processor
+from polyp_segmentation.onnx_export import DEFAULT_OPSET, OnnxExportWrapper, export_model
 
 REPO_ROOT = Path(__file__).resolve().parent
 CHECK_SIZES = ("256x256", "233x311")
@@ -36,10 +36,7 @@ CHECK_SIZES = ("256x256", "233x311")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="A saved model folder or a Hub model id.")
-    parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="Allow a Hub model, whose Python code (configuration, model, processor) then runs here.")
+    add_model_arguments(parser, required=True)
     parser.add_argument("--output", default="model.onnx", help="Path of the ONNX file to write.")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET}, the one the dynamo exporter's functions target).")
@@ -53,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Largest absolute logit difference the check accepts (default: %(default)s).")
     parser.add_argument("--skip_check", action="store_true", help="Only export.")
     args = parser.parse_args(argv)
-    check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
+    check_model_arguments(parser, args)
     return args
 
 
@@ -119,7 +116,6 @@ def check_export(onnx_path, model, processor, images: list, sizes: list[tuple[in
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import onnx
-    from PIL import Image
 
     model = load_model(args.model, args.revision, args.trust_remote_code).eval()
     print(f"Exporting {args.model} to {args.output} (opset {args.opset}, dynamic batch, height and width)...")
@@ -131,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     processor = load_check_processor(args.model, args.revision, args.trust_remote_code)
     image_paths = args.check_images if args.check_images is not None else default_check_images()
-    images = []
-    for path in image_paths:
-        with Image.open(path) as image:
-            image.load()
-            images.append(image.copy())
+    images = [read_rgb(path) for path in image_paths]
     sizes = [parse_size(size) for size in args.check_sizes]
     source = f"{len(images)} image(s)" if images else "random inputs (no check images found)"
     print(f"Checking ONNX Runtime against PyTorch on {source} at {', '.join(args.check_sizes)}:")

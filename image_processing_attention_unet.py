@@ -244,7 +244,8 @@ class AttentionUNetSegmentationPipeline(ImageSegmentationPipeline):
             raise ValueError(f"subtask={subtask!r}: this model only does semantic segmentation.")
         config = self.model.config
         threshold = config.threshold if threshold is None else threshold
-        presence_threshold = getattr(config, "presence_threshold", None) if presence_threshold is None else presence_threshold
+        if presence_threshold is None:
+            presence_threshold = getattr(config, "presence_threshold", None)
         for name, value in (("threshold", threshold), ("presence_threshold", presence_threshold)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0.0 < value < 1.0):

@@ -1,22 +1,23 @@
 #!/usr/bin/env python
-"""Regenerates the measured parts of the model card (README.md) from the files that measured them.
+"""Writes the model card (README.md) and the generated parts of docs/ from the files that measured them.
 
-    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split validation --output_json eval/validation.json
+    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split validation \
+        --negative_dataset_name ../shared/data/nopolyp --output_json eval/validation.json
     python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
     python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --tta --output_json eval/test_tta.json
     python make_model_card.py --dataset_name ../shared/data/kvasir-seg
 
-Reads `eval/*.json` (written by evaluate.py for the weights at the root; `test_tta.json` is optional) and
-`training/<stage>/` (each training stage's `metrics.jsonl` and `invocations.jsonl`, copied from its --output_dir), and
-rewrites: the `model-index` in the card's metadata, the status, results and CPU-recipe sections,
-`assets/training_curves.png` and `assets/test_predictions.png`; and, from `benchmarks/fit_probe.jsonl` and
-`benchmarks/train_cpu.json`, the fit-probe and training-speed tables. Nothing in those parts is typed by hand.
+The card is `docs/model_card_template.md` filled in through `huggingface_hub.ModelCard`, its metadata (the
+`model-index` included) made by `ModelCardData` and `EvalResult` from `eval/test.json`; its status, results and
+training summary come from `eval/*.json` (written by evaluate.py for the weights at the root; `test_tta.json` is
+optional) and `training/<stage>/` (the shipped run's `metrics.jsonl` and `invocations.jsonl`). In docs/, it rewrites
+the shipped run's recipe and the training speed (`docs/training.md`, from `benchmarks/train_cpu.json`), the fit-probe
+table (`docs/architecture.md`, from `benchmarks/fit_probe.jsonl`) and the performance table (`docs/performance.md`,
+from `benchmarks/cpu.json`); and the figures in `assets/`. Nothing in those parts is typed by hand.
 """
 
 import argparse
-import hashlib
 import json
-import re
 from datetime import datetime
 from pathlib import Path
 
@@ -26,18 +27,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from huggingface_hub import EvalResult, ModelCard, ModelCardData  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
-from segmentation_data import decode_sample, load_local_splits  # noqa: E402
-from segmentation_inference import load_model_and_processor, overlay_mask  # noqa: E402
-from segmentation_metrics import METRIC_NAMES, format_table  # noqa: E402
+from polyp_segmentation.data import decode_sample, load_local_splits  # noqa: E402
+from polyp_segmentation.drawing import overlay_mask  # noqa: E402
+from polyp_segmentation.loading import file_sha256, load_model_and_processor  # noqa: E402
+from polyp_segmentation.metrics import METRIC_NAMES  # noqa: E402
+from polyp_segmentation.reports import render_fit_probe, render_performance, render_training_speed  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent
 TARGET_MEAN_DICE = 0.85
+MODEL_NAME = "attention-unet-convnext-tiny-kvasir-seg"
+CARD_TEMPLATE = REPO_ROOT / "docs" / "model_card_template.md"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
+    parser.add_argument("--docs_dir", default=str(REPO_ROOT / "docs"))
     parser.add_argument("--eval_dir", default=str(REPO_ROOT / "eval"))
     parser.add_argument("--training_dir", default=str(REPO_ROOT / "training"))
     parser.add_argument("--assets_dir", default=str(REPO_ROOT / "assets"))
@@ -46,9 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_examples", type=int, default=5,
                         help="Test frames in the prediction figure, from the worst Dice to the best.")
     parser.add_argument("--fit_probe_results", default=str(REPO_ROOT / "benchmarks" / "fit_probe.jsonl"),
-                        help="Results of benchmarks/fit_probe.py --output_jsonl, for the card's fit-probe table.")
+                        help="Results of benchmarks/fit_probe.py --output_jsonl, for the fit-probe table.")
     parser.add_argument("--training_speed_results", default=str(REPO_ROOT / "benchmarks" / "train_cpu.json"),
-                        help="Results of benchmarks/bench_train.py --output_json, for the card's training-speed table.")
+                        help="Results of benchmarks/bench_train.py --output_json, for the training-speed table.")
+    parser.add_argument("--performance_results", default=str(REPO_ROOT / "benchmarks" / "cpu.json"),
+                        help="Results of benchmarks/bench_cpu.py --output_json, for the performance table.")
     return parser.parse_args(argv)
 
 
@@ -72,65 +82,42 @@ def stage_started(stage: dict) -> datetime:
     return datetime.strptime(stage["invocations"][0]["started"], "%Y-%m-%dT%H:%M:%S%z")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def replace_block(text: str, name: str, content: str) -> str:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in text or end not in text:
-        raise ValueError(f"The card has no {start} ... {end} block.")
+        raise ValueError(f"The document has no {start} ... {end} block.")
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
     return f"{before}{start}\n{content.strip()}\n{end}{after}"
 
 
-def model_index(test: dict) -> str:
-    metrics = test["metrics"]
-    lines = [
-        "model-index:",
-        "- name: attention-unet-convnext-tiny-kvasir-seg",
-        "  results:",
-        "  - task:",
-        "      type: image-segmentation",
-        "      name: Polyp segmentation",
-        "    dataset:",
-        "      type: kowndinya23/Kvasir-SEG",
-        "      name: Kvasir-SEG (fixed 60-image test half of the official validation split)",
-        "      split: test",
-        "    metrics:",
+def card_data(test: dict) -> ModelCardData:
+    """The card's metadata; its `model-index` holds the test split's figures."""
+    dataset = dict(dataset_type="kowndinya23/Kvasir-SEG", dataset_split="test",
+                   dataset_name="Kvasir-SEG (fixed 60-image test half of the official validation split)")
+    results = [
+        EvalResult(task_type="image-segmentation", task_name="Polyp segmentation", **dataset,
+                   metric_type=f"mean_{name}", metric_value=round(test["metrics"][f"mean_{name}"], 4),
+                   metric_name=f"mean {name} over images ({test['resolution']}x{test['resolution']})")
+        for name in METRIC_NAMES if name != "f1"  # F1 is Dice for one binary class
     ]
-    for name in METRIC_NAMES:
-        if name == "f1":
-            continue
-        lines += [f"    - type: mean_{name}", f"      value: {metrics[f'mean_{name}']:.4f}",
-                  f"      name: mean {name} over images ({test['resolution']}x{test['resolution']})"]
-    lines += ["    - type: pooled_dice", f"      value: {metrics['pooled_dice']:.4f}",
-              "      name: Dice pooled over all pixels"]
-    return "\n".join(lines)
-
-
-def replace_model_index(text: str, test: dict) -> str:
-    front, body = text.split("\n---\n", 1)
-    front = re.sub(r"\nmodel-index:\n(?:[ -].*\n?)*", "\n", front + "\n").rstrip("\n")
-    return f"{front}\n{model_index(test)}\n---\n{body}"
+    results.append(EvalResult(task_type="image-segmentation", task_name="Polyp segmentation", **dataset,
+                              metric_type="pooled_dice", metric_value=round(test["metrics"]["pooled_dice"], 4),
+                              metric_name="Dice pooled over all pixels"))
+    return ModelCardData(
+        library_name="transformers", pipeline_tag="image-segmentation", license="apache-2.0",
+        tags=["medical-imaging", "polyp-segmentation", "colonoscopy", "attention-unet", "convnext", "timm"],
+        datasets=["kowndinya23/Kvasir-SEG"], model_name=MODEL_NAME, eval_results=results,
+    )
 
 
 def stage_hours(stage: dict) -> float:
     return sum(e["data_seconds"] + e["model_seconds"] + e["eval_seconds"] for e in stage["epochs"]) / 3600
 
 
-def training_summary(stages: list[dict]) -> tuple[int, float]:
-    return sum(len(stage["epochs"]) for stage in stages), sum(stage_hours(stage) for stage in stages)
-
-
 def validation_dice(epoch: dict, prefix: str = "eval") -> float:
     """The epoch's mean Dice, NaN where its loss was not finite: non-finite weights score 0 without being measured
-    (epochs 60-64 of the v2 long run, validated with a BatchNorm variance stored as inf)."""
+    (epochs 60-64 of the shipped run, validated with a BatchNorm variance stored as inf)."""
     return epoch[f"{prefix}_mean_dice"] if np.isfinite(epoch[f"{prefix}_loss"]) else float("nan")
 
 
@@ -139,7 +126,6 @@ def best_epoch(stage: dict) -> dict:
 
 
 def curve_shape(stage: dict) -> str:
-    # Only the last stage: earlier stages may validate at another resolution, so their Dice is not comparable.
     dice = [validation_dice(e) for e in stage["epochs"]]
     best = best_epoch(stage)
     recent = dice[-3:]
@@ -149,121 +135,121 @@ def curve_shape(stage: dict) -> str:
             f"{', '.join(f'{d:.3f}' for d in recent)})")
 
 
-def render_status(test: dict, validation: dict, stages: list[dict]) -> str:
-    epochs, hours = training_summary(stages)
-    mean_dice = test["metrics"]["mean_dice"]
-    verdict = "meets" if mean_dice >= TARGET_MEAN_DICE else "is below"
-    return (
-        f"**Status.** Trained from scratch (no ImageNet weights) on a 2-core CPU: {epochs} epochs, "
-        f"{hours:.1f} hours of training. Test mean Dice **{mean_dice:.4f}** (validation {validation['metrics']['mean_dice']:.4f}) "
-        f"at {test['resolution']}x{test['resolution']}, which {verdict} the project's target of {TARGET_MEAN_DICE}; "
-        f"the last stage's validation curve is {curve_shape(stages[-1])}. {schedule_state(stages[-1])} The seed "
-        "recipe with ImageNet weights on a GPU (see Training) is the way to published-level figures."
-    )
-
-
 def schedule_state(stage: dict) -> str:
     planned, done = stage["invocations"][-1]["num_train_epochs"], len(stage["epochs"])
     if done >= planned:
-        return f"That stage ran its whole schedule ({planned} epochs)."
-    return f"These weights are from epoch {done} of that stage's {planned}-epoch schedule, which goes on."
+        return f"That run went through its whole schedule ({planned} epochs)."
+    return f"These weights are from epoch {done} of that run's {planned}-epoch schedule, which goes on."
 
 
-def render_results(results: list[dict], has_figure: bool) -> str:
-    parts = []
-    for result in results:
-        parts.append(
-            f"**{result['split'].capitalize()} split** ({result['num_images']} images, "
-            f"{result['resolution']}x{result['resolution']}, threshold {result['threshold']}"
-            f"{', flip TTA' if result['tta'] else ''}):\n\n{format_table(result['metrics'], result['loss'])}\n"
-        )
-    parts.append(
-        "\"Mean over images\" is the polyp literature's mDice / mIoU; \"pooled\" counts every pixel of the split once.\n"
-        f"Weights sha256 `{results[0]['weights_sha256'][:16]}…`; test file list sha256 "
-        f"`{results[0]['split_sha256'][:16]}…`. Reproduce (the tables are generated from the JSON these write):\n\n"
-        "```bash\n" + "".join(f"{result['command']}\n" for result in results)
-        + "python make_model_card.py --dataset_name ../shared/data/kvasir-seg\n```\n"
+def render_status(test: dict, validation: dict, stage: dict) -> str:
+    mean_dice = test["metrics"]["mean_dice"]
+    verdict = "meets" if mean_dice >= TARGET_MEAN_DICE else "is below"
+    return (
+        f"**Status.** Test mean Dice **{mean_dice:.4f}** (validation {validation['metrics']['mean_dice']:.4f}) at "
+        f"{test['resolution']}x{test['resolution']}, which {verdict} the project's target of {TARGET_MEAN_DICE}; "
+        f"trained from scratch (no ImageNet weights) on a 2-core CPU. The shipped run's validation curve is "
+        f"{curve_shape(stage)}. {schedule_state(stage)}"
     )
-    parts.append("![Training curves](assets/training_curves.png)\n")
+
+
+def render_limitations(validation: dict) -> str:
+    negatives = validation.get("negatives")
+    if not negatives:
+        return "- Not measured on frames without a polyp."
+    kinds = {"negatives": "polyp-free validation frames of another collection",
+             "own_crops": "polyp-free crops of Kvasir-SEG validation frames"}
+    shares = " and ".join(f"{entry['false_alarm_rate']:.0%} of {entry['num_images']} {kinds[key]}"
+                          for key, entry in negatives.items())
+    return (f"- On frames without a polyp, the raw logits (threshold {validation['threshold']}) mark more than 1 % of "
+            f"the frame on {shares} (Evaluation below).")
+
+
+def render_results(test: dict, test_tta: dict | None, validation: dict, has_figure: bool) -> str:
+    columns = [("test", test)] + ([("test, flip TTA", test_tta)] if test_tta else []) + [("validation", validation)]
+    lines = ["| metric | " + " | ".join(f"{name}: mean over images | {name}: pooled" for name, _ in columns) + " |",
+             "|---|" + "---:|---:|" * len(columns)]
+    for metric in METRIC_NAMES:
+        figures = (f"{r['metrics'][f'mean_{metric}']:.4f} | {r['metrics'][f'pooled_{metric}']:.4f}" for _, r in columns)
+        lines.append(f"| {metric} | " + " | ".join(figures) + " |")
+    lines.append("| loss (BCE + Dice) | " + " | ".join(f"{r['loss']:.4f} | " for _, r in columns) + " |")
+    parts = [
+        f"Kvasir-SEG, {test['num_images']} test and {validation['num_images']} validation frames at "
+        f"{test['resolution']}x{test['resolution']}, threshold {test['threshold']}:\n\n" + "\n".join(lines)
+    ]
+    if validation.get("negatives"):
+        rows = ["| polyp-free frames | frames | > 1 % marked | any pixel marked | judged polyp-free |",
+                "|---|---:|---:|---:|---:|"]
+        rows += [f"| {e['source']} | {e['num_images']} | {e['false_alarm_rate']:.3f} | {e['any_pixel_rate']:.3f} | "
+                 f"{e['specificity']:.3f} |" for e in validation["negatives"].values()]
+        parts.append(f"Frames without a polyp (presence threshold {validation['presence_threshold']}; frames with a "
+                     f"polyp judged to hold one: {validation['frame_sensitivity']:.3f} of the validation split):\n\n"
+                     + "\n".join(rows))
+    commands = [r["command"] for _, r in columns]
+    parts.append(
+        f"Weights sha256 `{test['weights_sha256'][:16]}…`; test file list sha256 `{test['split_sha256'][:16]}…`. "
+        "Reproduce (the tables are generated from the JSON these write):\n\n```bash\n" + "\n".join(commands)
+        + "\npython make_model_card.py --dataset_name ../shared/data/kvasir-seg\n```"
+    )
+    parts.append("![Training curves](assets/training_curves.png)")
     if has_figure:
-        parts.append("![Test predictions](assets/test_predictions.png)\n\nTest frames: ground truth outline in blue, "
-                     "prediction in green; frames picked across the test split's range of Dice, from the worst to the "
-                     "best.\n")
-    return "\n".join(parts)
+        parts.append("![Test predictions](assets/test_predictions.png)\n\nTest frames across the split's range of "
+                     "Dice, worst to best: ground truth outline in blue, prediction in green.")
+    return "\n\n".join(parts)
 
 
-def render_cpu_recipe(stages: list[dict]) -> str:
-    lines = ["The shipped weights were trained in these stages, each starting from the previous one's weights "
-             "(`--init_from` names the previous stage's `--output_dir`, `--init_encoder_from` takes its encoder alone; "
-             "`.` is the checkpoint shipped at the root when the stage started), with these commands:\n"]
-    for stage in stages:
-        epochs = stage["epochs"]
-        hours = stage_hours(stage)
-        best = best_epoch(stage)
-        config = stage["invocations"][-1]
-        recipe = f", {config['train_crop_size']}x{config['train_crop_size']} crops" if config.get("train_crop_size") else ""
-        if config.get("train_scale"):
-            recipe += ", random resized crops of {:.0%}–{:.0%} of the area".format(*config["train_scale"])
-        if config.get("model_ema_decay"):
-            recipe += f", weights averaged (EMA decay {config['model_ema_decay']})"
-        # A resumed run repeats its command; each distinct one is shown once, in the order first run.
-        commands = list(dict.fromkeys(i["command"] for i in stage["invocations"]))
-        sittings = len(stage["invocations"])
-        lines.append(
-            f"- **{stage['name']}**: {len(epochs)} epochs at {config['resolution']}x{config['resolution']}{recipe}, "
-            f"batch {config['total_batch_size']}, learning rate {config['learning_rate']}, {hours:.2f} h"
-            f"{f' in {sittings} sittings (resumed)' if sittings > 1 else ''}; best validation mDice "
-            f"{best['eval_mean_dice']:.4f} at epoch {best['epoch']}."
-        )
-        lines.append("\n  ```bash\n" + "\n".join(f"  {command}" for command in commands) + "\n  ```")
-    lines.append("\nEvery stage's `metrics.jsonl` and commands are in `training/`. To continue from the shipped "
-                 "weights: `--init_from .` (a new schedule) or, with the stage's checkpoints, "
-                 "`--resume_from_checkpoint latest`.")
-    return "\n".join(lines)
+def describe_recipe(config: dict) -> str:
+    parts = [f"{config['resolution']}x{config['resolution']} frames"]
+    if config.get("train_crop_size"):
+        parts.append(f"{config['train_crop_size']}x{config['train_crop_size']} crops")
+    if config.get("train_scale_jitter"):
+        parts.append("zoom {}-{}".format(*config["train_scale_jitter"]))
+    if config.get("negative_ratio"):
+        parts.append(f"{config['negative_ratio']:.0%} polyp-free items")
+    if config.get("final_full_frame_epochs"):
+        parts.append(f"the last {config['final_full_frame_epochs']} epochs on whole frames")
+    parts.append(f"AdamW at {config['learning_rate']} with cosine decay, batch {config['total_batch_size']}")
+    if config.get("model_ema_decay"):
+        parts.append(f"an EMA of the weights ({config['model_ema_decay']})")
+    return ", ".join(parts)
 
 
-def render_fit_probe(results: list[dict]) -> str:
-    lines = ["| probe | model | config overrides | encoder | fit mean Dice | validation mean Dice |",
-             "|---|---|---|---|---|---|"]
-    for r in results:
-        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["config_overrides"].items()) or "-"
-        validation = r.get("validation_mean_dice")
-        lines.append(f"| {r.get('label') or '-'} | {r['model']} | {overrides} | "
-                     f"{'from ' + r['init_encoder_from'] if r.get('init_encoder_from') else 'scratch'} | "
-                     f"{r['fit_mean_dice']:.3f} | {'-' if validation is None else f'{validation:.3f}'} |")
-    settings = sorted({(r["frames"], r["size"], r["steps"], r["batch_size"], r["learning_rate"]) for r in results})
-    described = "; ".join(f"{f} training frames at {z}x{z}, {n} steps of batch {b}, lr {lr}" for f, z, n, b, lr in settings)
-    return "\n".join(lines) + f"\n\n{described}; validation: the 60 validation frames at the same size. Each row is " \
-        "one `python benchmarks/fit_probe.py --config_overrides '<JSON>' --eval_validation` run (`--seed 1` for the " \
-        "rows labelled so, `--init_encoder_from <folder>` for an encoder started from saved weights)."
+def render_training_summary(stage: dict) -> str:
+    first = stage["invocations"][0]
+    start = ("a new decoder on the encoder of the weights before it" if first.get("init_encoder_from") else
+             "the weights before it" if first.get("init_from") else "scratch")
+    return (f"the shipped weights are the final moving average of one run of `train_accelerate.py` "
+            f"(`training/{stage['name']}/`): {len(stage['epochs'])} epochs from {start}, {describe_recipe(first)}; "
+            f"{stage_hours(stage):.1f} hours on 2 CPU cores.")
 
 
-def plot_training_curves(stages: list[dict], path: Path) -> None:
-    epochs = [e for s in stages for e in s["epochs"]]
-    x = np.arange(1, len(epochs) + 1)
+def render_shipped_run(stage: dict) -> str:
+    best = best_epoch(stage)
+    # A resumed run repeats its command; each distinct one is shown once, in the order first run.
+    commands = list(dict.fromkeys(i["command"] for i in stage["invocations"]))
+    return (f"**{stage['name']}**: {len(stage['epochs'])} epochs, {describe_recipe(stage['invocations'][0])}; "
+            f"{stage_hours(stage):.2f} h in {len(stage['invocations'])} sittings; best validation mDice "
+            f"{best['eval_mean_dice']:.4f} at epoch {best['epoch']}. Its commands, in the order they first ran:\n\n"
+            "```bash\n" + "\n".join(commands) + "\n```")
+
+
+def count_parameters(weights: Path) -> float:
+    with safe_open(str(weights), framework="pt") as tensors:
+        return sum(int(np.prod(tensors.get_slice(name).get_shape())) for name in tensors.keys()
+                   if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))) / 1e6
+
+
+def plot_training_curves(stage: dict, path: Path) -> None:
+    epochs = stage["epochs"]
+    x = [e["epoch"] for e in epochs]
     fig, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_axis.plot(x, [e["train_loss"] for e in epochs], label="training loss")
     loss_axis.plot(x, [e["eval_loss"] for e in epochs], label="validation loss")
     dice_axis.plot(x, [validation_dice(e) for e in epochs], color="tab:green", label="validation mean Dice")
-    # Stages that also scored a fixed training subset (no augmentation) show whether they under- or overfit.
+    # A fixed training subset scored without augmentation shows whether the run under- or overfits.
     subset = [validation_dice(e, "train_eval") if "train_eval_loss" in e else float("nan") for e in epochs]
     if not np.isnan(subset).all():
         dice_axis.plot(x, subset, color="tab:blue", label="training subset mean Dice")
-    # Headroom above the Dice curve for the stage labels.
-    bottom, top = dice_axis.get_ylim()
-    dice_axis.set_ylim(bottom, top + 0.2 * (top - bottom))
-    start = 0
-    for stage in stages:
-        resolution = stage["invocations"][-1]["resolution"]
-        if start:
-            for axis in (loss_axis, dice_axis):
-                axis.axvline(start + 0.5, color="grey", linestyle=":", linewidth=1)
-        # Validation runs at the stage's resolution, so a jump at a boundary is a change of scale, not of the model.
-        # Upright along the boundary, so that the labels of short stages do not run into each other.
-        dice_axis.annotate(f"{resolution}px", xy=(start + 0.5, 1.0), xycoords=("data", "axes fraction"),
-                           xytext=(2, -4), textcoords="offset points", rotation=90, ha="left", va="top",
-                           fontsize=8, color="grey")
-        start += len(stage["epochs"])
     # Both curves fall (loss) or rise (Dice) from left to right, leaving those corners free for the legend.
     for axis, title, corner in ((loss_axis, "BCE + Dice loss", "upper right"),
                                 (dice_axis, "mean Dice", "lower right")):
@@ -293,7 +279,8 @@ def plot_test_predictions(dataset_name: str, test: dict, num_examples: int, path
         frame = frame.permute(1, 2, 0).numpy()
         with torch.inference_mode():
             outputs = model(**processor(images=frame, return_tensors="pt"))
-        prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[truth.shape])[0].numpy()
+        prediction = processor.post_process_semantic_segmentation(
+            outputs, target_sizes=[truth.shape], presence_threshold=test.get("presence_threshold"))[0].numpy()
         prediction, truth = prediction.astype(bool), truth.numpy().astype(bool)
         dice = 2 * (prediction & truth).sum() / max(prediction.sum() + truth.sum(), 1)
         if abs(dice - image["dice"]) > 0.01:
@@ -310,57 +297,49 @@ def plot_test_predictions(dataset_name: str, test: dict, num_examples: int, path
     plt.close(fig)
 
 
-def render_training_speed(result: dict) -> str:
-    steps = result["step_alone"]
-    baseline = steps[0]["frames_per_second"]
-    lines = [f"| training step alone (batch {result['batch_size']}, {result['crop']}x{result['crop']} crops) | "
-             f"frames/s | x {steps[0]['variant']} |", "|---|---:|---:|"]
-    lines += [f"| {s['variant']} | {s['frames_per_second']:.2f} | {s['frames_per_second'] / baseline:.2f} |" for s in steps]
-    lines += ["", "| float32 matrix product | matmul precision | GFLOP/s | relative error |", "|---|---|---:|---:|"]
-    lines += [f"| {'x'.join(map(str, p['shape']))} | {p['float32_matmul_precision']} | {p['gflop_per_second']:.0f} | "
-              f"{p['relative_error']:.1e} |" for p in result["matrix_products"]]
-    return "\n".join(lines) + (
-        f"\n\nThe input pipeline alone: {result['pipeline_frames_per_second_per_core']:.0f} frames/s on one core; with "
-        f"the DataLoader feeding the step ({result['train_variant']}): {result['train_frames_per_second']:.2f} frames/s. "
-        f"{result['device_name']} ({result['device']}, {result['cores']} cores), torch {result['torch']}; "
-        f"measured with `{result['command']}`.")
+def update_document(path: Path, blocks: dict[str, str]) -> None:
+    text = path.read_text()
+    for name, content in blocks.items():
+        text = replace_block(text, name, content)
+    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    eval_dir, readme = Path(args.eval_dir), Path(args.readme)
-    # The test table leads (the model-index holds its figures); flip TTA, if measured, follows it.
-    names = ["test.json", "validation.json"]
-    if (eval_dir / "test_tta.json").is_file():
-        names.insert(1, "test_tta.json")
-    results = [json.loads((eval_dir / name).read_text()) for name in names]
-    test, validation = results[0], results[-1]
+    eval_dir, readme, docs = Path(args.eval_dir), Path(args.readme), Path(args.docs_dir)
+    names = ["test.json", "test_tta.json", "validation.json"]
+    results = {name: json.loads((eval_dir / name).read_text()) for name in names if (eval_dir / name).is_file()}
     weights = REPO_ROOT / "model.safetensors"
-    for name, result in zip(names, results):
-        if result["weights_sha256"] != sha256(weights):
+    for name, result in results.items():
+        if result["weights_sha256"] != file_sha256(weights):
             raise ValueError(f"{eval_dir / name} was measured on other weights than {weights}: run evaluate.py again.")
-    stages = load_stages(Path(args.training_dir))
+    test, test_tta, validation = (results.get(name) for name in names)
+    # The shipped weights come from the last run in training/.
+    stage = load_stages(Path(args.training_dir))[-1]
     assets = Path(args.assets_dir)
     assets.mkdir(exist_ok=True)
-    plot_training_curves(stages, assets / "training_curves.png")
+    plot_training_curves(stage, assets / "training_curves.png")
     has_figure = args.dataset_name is not None
     if has_figure:
         plot_test_predictions(args.dataset_name, test, args.num_examples, assets / "test_predictions.png")
 
-    text = readme.read_text()
-    text = replace_model_index(text, test)
-    text = replace_block(text, "status", render_status(test, validation, stages))
-    text = replace_block(text, "results", render_results(results, has_figure))
-    text = replace_block(text, "cpu-recipe", render_cpu_recipe(stages))
-    fit_probe_results = Path(args.fit_probe_results)
-    if fit_probe_results.is_file():
-        text = replace_block(text, "fit-probe", render_fit_probe(load_jsonl(fit_probe_results)))
-    training_speed_results = Path(args.training_speed_results)
-    if training_speed_results.is_file():
-        training_speed = json.loads(training_speed_results.read_text())
-        text = replace_block(text, "training-speed", render_training_speed(training_speed))
-    readme.write_text(text)
-    print(f"Updated {readme} and {assets}/.")
+    card = ModelCard.from_template(
+        card_data(test), template_path=str(CARD_TEMPLATE), status=render_status(test, validation, stage),
+        num_parameters=f"{count_parameters(weights):.1f}", limitations=render_limitations(validation),
+        training_summary=render_training_summary(stage),
+        results=render_results(test, test_tta, validation, has_figure),
+    )
+    readme.write_text(str(card).rstrip("\n") + "\n")
+    update_document(docs / "training.md", {"shipped-run": render_shipped_run(stage)} | (
+        {"training-speed": render_training_speed(json.loads(Path(args.training_speed_results).read_text()))}
+        if Path(args.training_speed_results).is_file() else {}))
+    if Path(args.fit_probe_results).is_file():
+        update_document(docs / "architecture.md",
+                        {"fit-probe": render_fit_probe(load_jsonl(Path(args.fit_probe_results)))})
+    if Path(args.performance_results).is_file():
+        update_document(docs / "performance.md",
+                        {"performance": render_performance(json.loads(Path(args.performance_results).read_text()))})
+    print(f"Wrote {readme}, the generated parts of {docs}/ and {assets}/.")
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from image_processing_attention_unet import to_rgb_uint8
-from segmentation_inference import (
-    VIDEO_EXTENSIONS, add_float32_matmul_precision_argument, check_input_convention, check_remote_code_arguments, heat_map,
-    load_model, load_processor, overlay_mask, segment_frames, segment_video,
-)
+from polyp_segmentation.cli import add_float32_matmul_precision_argument, add_model_arguments, check_model_arguments
+from polyp_segmentation.drawing import heat_map, overlay_mask
+from polyp_segmentation.inference import read_rgb, segment_frames
+from polyp_segmentation.loading import check_input_convention, load_model, load_processor
+from polyp_segmentation.video import VIDEO_EXTENSIONS, segment_video
 
 REPO_ROOT = Path(__file__).resolve().parent
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
@@ -51,12 +51,8 @@ IMAGE_CSV_FIELDS = ("name", "polyp_present", "polyp_score", "polyp_area_fraction
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files, folders or glob patterns.")
-    parser.add_argument("--model", default=None,
-                        help="A saved model folder or a Hub model id. With --onnx, only its image processor is used "
-                             "(default then: this repository's).")
-    parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="Allow a Hub model, whose Python code (configuration, model, processor) then runs here.")
+    add_model_arguments(parser, help="A saved model folder or a Hub model id. With --onnx, only its image processor is "
+                                     "used (default then: this repository's).")
     parser.add_argument("--output_dir", required=True, help="Folder for the masks, overlays and attention maps.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per forward pass (default: %(default)s).")
     parser.add_argument("--threshold", type=float, default=None,
@@ -88,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must lie in (0, 1)")
     if args.onnx is not None and args.channels_last:
         parser.error("--channels_last applies to the PyTorch model, not to --onnx")
-    check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
+    check_model_arguments(parser, args)
     return args
 
 
@@ -121,13 +117,6 @@ def output_stems(paths: list[Path]) -> list[str]:
         seen[path.stem] = count
         stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
     return stems
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """The image as `(H, W, 3)` uint8 in display orientation (EXIF applied; any mode or bit depth)."""
-    with PIL.Image.open(path) as image:
-        image.load()  # decodes now, so that truncated files fail here
-        return to_rgb_uint8(image)
 
 
 class OnnxSegmenter:
@@ -193,7 +182,7 @@ def iterate_batches(paths: list[Path], stems: list[str], batch_size: int) -> Ite
         loaded, failed = [], []
         for path, stem in zip(paths[start : start + batch_size], stems[start : start + batch_size]):
             try:
-                loaded.append((stem, load_rgb(path)))
+                loaded.append((stem, read_rgb(path)))
             except Exception as error:  # noqa: BLE001 - any decoding failure skips the file
                 failed.append(f"{path}: {type(error).__name__}: {error}")
         yield loaded, failed

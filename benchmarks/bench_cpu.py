@@ -2,7 +2,7 @@
 """CPU benchmark of the Attention U-Net against two reference U-Nets, in one run, on the same inputs and threads.
 
     pip install -r requirements-bench.txt
-    python benchmarks/bench_cpu.py --output_json benchmarks/cpu.json --update_readme README.md
+    python benchmarks/bench_cpu.py --output_json benchmarks/cpu.json && python make_model_card.py
     python benchmarks/bench_cpu.py --tiny --repeats 3          # a smoke run on tiny models
 
 For this model and its peers, segmentation_models_pytorch's `Unet("tu-convnext_tiny")` and MONAI's `AttentionUnet`
@@ -19,8 +19,8 @@ For this model and its peers, segmentation_models_pytorch's `Unet("tu-convnext_t
 
 Every figure is the median of `--repeats` timed runs after `--warmup` untimed ones (which include the compilation);
 each is also given as a ratio to this model's eager figure (for training, to this model's training figure). Prints a
-Markdown table, writes everything to `--output_json`, and with `--update_readme` puts the table and the command that
-made it between the `<!-- performance:start -->` and `<!-- performance:end -->` markers of a README.
+Markdown table and writes everything to `--output_json`; `make_model_card.py` renders `benchmarks/cpu.json` into
+`docs/performance.md`.
 """
 
 import argparse
@@ -41,18 +41,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from polyp_segmentation.loading import check_remote_code_arguments, load_model
+from polyp_segmentation.onnx_export import DYNAMIC_AXES, export_model, export_to_onnx
+from polyp_segmentation.reports import render_performance
+from polyp_segmentation.testing import REPO_ROOT, TINY_OVERRIDES
 
-from segmentation_inference import (  # noqa: E402
-    DYNAMIC_AXES, check_remote_code_arguments, export_model, export_to_onnx, load_model,
-)
-
-README_START = "<!-- performance:start -->"
-README_END = "<!-- performance:end -->"
-# The same tiny configuration as the tests' (`tests/conftest.py`).
-TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
 VARIANTS = ("eager", "channels_last", "channels_last_medium", "compile", "onnxruntime")
 # This model's training step in the forms `train_accelerate.py` offers (and the `--skip` names that leave each out);
 # the peers train eagerly only.
@@ -88,15 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile backend (default: %(default)s; 'eager' only checks that it traces).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default=None)
-    parser.add_argument("--update_readme", default=None, metavar="README.md",
-                        help="Replace the text between the performance markers of this file with the results.")
     args = parser.parse_args(argv)
     check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
     args.resolution = args.resolution or (64 if args.tiny else 256)
     if min(args.batch_size, args.repeats, args.threads, args.resolution) < 1 or args.warmup < 0:
         parser.error("--batch_size, --repeats, --threads and --resolution must be positive, --warmup non-negative")
-    if args.update_readme:
-        check_readme_markers(Path(args.update_readme), parser.error)
     return args
 
 
@@ -376,97 +365,10 @@ def add_ratios(results: list[dict], peak: float | None) -> None:
                 training["fraction_of_peak"] = training["gflops_per_second"] / peak
 
 
-def markdown_table(report: dict) -> str:
-    """The results as a Markdown table, followed by what was measured and on which machine."""
-    settings, cpu = report["settings"], report["machine"]
-    res, batch, threads = settings["resolution"], settings["batch_size"], settings["threads"]
-    lines = [
-        f"| Model | Mode | Latency, batch 1 (ms) | x ours eager | Throughput, batch {batch} (img/s) | x ours eager "
-        "| GFLOP/s (% of peak) |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    achieved = lambda figures: f"{figures['gflops_per_second']:.1f}" + (  # noqa: E731
-        f" ({figures['fraction_of_peak']:.0%})" if "fraction_of_peak" in figures else "")
-    ratio = lambda value: "–" if value is None else f"{value:.2f}"  # noqa: E731
-    for result in report["results"]:
-        name = result["model"]
-        for variant, figures in result["variants"].items():
-            if "error" in figures:
-                lines.append(f"| {name} | {variant} | failed: {figures['error'][:100]} | | | | |")
-                continue
-            lines.append(f"| {name} | {variant} | {figures['latency_ms']:.1f} | "
-                         f"{ratio(figures.get('latency_vs_ours_eager'))} | {figures['throughput']:.1f} | "
-                         f"{ratio(figures.get('throughput_vs_ours_eager'))} | {achieved(figures)} |")
-        trainings = {"training": result.get("training"),
-                     **{f"training, {v}": f for v, f in result.get("training_variants", {}).items()}}
-        for mode, training in trainings.items():
-            if training is None:
-                continue
-            if "error" in training:
-                lines.append(f"| {name} | {mode} | failed: {training['error'][:100]} | | | | |")
-                continue
-            lines.append(f"| {name} | {mode} | – | – | {training['throughput']:.1f} | "
-                         f"{ratio(training.get('throughput_vs_ours_training'))} | {achieved(training)} |")
-
-    mode_notes = {
-        "channels_last": "*channels_last*: eager in channels-last memory format",
-        "channels_last_medium": "*channels_last_medium*: the same with `torch.set_float32_matmul_precision(\"medium\")`"
-                                " (`--channels_last --float32_matmul_precision medium` of predict.py and evaluate.py;"
-                                " on CPUs without AMX the products stay float32, sent to oneDNN instead of MKL)",
-        "compile": f"*compile*: `torch.compile` with backend `{settings['compile_backend']}`, static shapes",
-        "onnxruntime": "*onnxruntime*: the `export_onnx.py` export (dynamic batch, height and width) on ONNX Runtime's "
-                       "CPU execution provider",
-        "training": f"*training*: forward, backward and AdamW step at batch {batch}, BCE + Dice loss (*, "
-                    "channels_last*: in channels-last memory format; *, channels_last_compile*: also with the forward "
-                    "compiled, as `train_accelerate.py --channels_last --torch_compile`)",
-    }
-    models = "; ".join(
-        f"{r['model']}: {r['description']}, {r['params_m']:.1f} M parameters, {r['flops_per_image'] / 1e9:.2f} GFLOPs "
-        "per image" + (f" ({r['train_flops_per_image'] / 1e9:.2f} per training image, taken as 3x the forward)"
-                       if "train_flops_per_image" in r else "")
-        for r in report["results"])
-    notes = [
-        f"{res}x{res} random fp32 inputs, the same for every model; {threads} thread(s) for PyTorch and ONNX Runtime; "
-        f"medians of {settings['repeats']} runs after {settings['warmup']} warm-up runs. Ratios are to this model's "
-        "eager figure (training: to its training figure); latency ratios below 1 and throughput ratios above 1 are "
-        "faster. " + "; ".join(text for mode, text in mode_notes.items() if mode not in settings["skip"]) + ".",
-        f"Models: {models}. FLOPs from `torch.utils.flop_counter.FlopCounterMode`, a multiply-add "
-        "counted as 2; GFLOP/s is FLOPs per image x images/s (batch {batch} figure).".replace("{batch}", str(batch)),
-        f"Machine: {cpu['model_name']}, {cpu['available_cpus']} CPU(s); torch {report['versions']['torch']}, "
-        f"onnxruntime {report['versions'].get('onnxruntime', '–')}.",
-    ]
-    if cpu["peak_gflops"]:
-        notes.append(f"fp32 peak of {threads} core(s): {threads} x {cpu['ghz']:.2f} GHz ({cpu['clock_source']}) x "
-                     f"{cpu['fp32_flops_per_cycle_per_core']} FLOP/cycle = {cpu['peak_gflops']:.0f} GFLOP/s, with "
-                     f"{cpu['derivation']}.")
-    interleaved = report["interleaved_eager_latency_ms"]
-    ours = interleaved[report["results"][0]["model"]]
-    notes.append(
-        f"Eager batch-1 latency with the models taking turns run by run ({3 * settings['repeats']} runs each, medians; "
-        "the fairest head-to-head on a noisy machine): "
-        + "; ".join(f"{name} {ms:.1f} ms ({ms / ours:.2f} x ours)" for name, ms in interleaved.items()) + "."
-    )
-    notes.extend(f"Note: {note}" for note in report["notes"])
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
 
-def check_readme_markers(path: Path, fail: Callable[[str], None]) -> None:
-    if not path.is_file():
-        fail(f"--update_readme: {path} does not exist")
-    text = path.read_text()
-    ordered = text.count(README_START) == 1 and text.count(README_END) == 1 and (
-        text.index(README_START) < text.index(README_END))
-    if not ordered:
-        fail(f"--update_readme: {path} must contain exactly one {README_START} followed by one {README_END}; "
-             "the file was left unchanged")
 
 
-def update_readme(path: Path, table: str, command: str) -> None:
-    text = path.read_text()
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    block = f"{README_START}\n{table}\n\nMeasured with:\n\n```bash\n{command}\n```\n{README_END}"
-    path.write_text(head + block + tail)
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -530,22 +432,18 @@ def main(argv: list[str] | None = None) -> dict:
             versions[module_name] = sys.modules[module_name].__version__
     report = {
         "command": command,
-        "settings": {key: value for key, value in vars(args).items() if key not in ("output_json", "update_readme")},
+        "settings": {key: value for key, value in vars(args).items() if key != "output_json"},
         "machine": {**cpu, "load_average_1min": load},
         "versions": versions,
         "notes": notes,
         "results": results,
         "interleaved_eager_latency_ms": interleaved,
     }
-    table = markdown_table(report)
-    print("\n" + table)
+    print("\n" + render_performance(report))
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nWrote {args.output_json}")
-    if args.update_readme:
-        update_readme(Path(args.update_readme), table, command)
-        print(f"Updated the performance section of {args.update_readme}")
     return report
 
 

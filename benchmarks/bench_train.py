@@ -29,15 +29,10 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from segmentation_data import PolypSegmentationDataset, decode_samples, load_local_splits, training_augmentation  # noqa: E402
-from segmentation_inference import check_remote_code_arguments  # noqa: E402
-from segmentation_training import build_optimizer  # noqa: E402
-
-TINY_OVERRIDES = {"encoder_name": "convnext_atto", "decoder_channels": [32, 16, 16, 8, 8]}
+from polyp_segmentation.data import PolypSegmentationDataset, decode_samples, load_local_splits, training_augmentation
+from polyp_segmentation.loading import check_remote_code_arguments
+from polyp_segmentation.testing import REPO_ROOT, TINY_OVERRIDES
+from polyp_segmentation.training import build_optimizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

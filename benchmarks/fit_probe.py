@@ -29,13 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from segmentation_data import PolypSegmentationDataset, decode_samples, load_local_splits, training_augmentation  # noqa: E402
-from segmentation_inference import check_remote_code_arguments  # noqa: E402
-from segmentation_metrics import confusion_counts, summarize  # noqa: E402
+from polyp_segmentation.data import PolypSegmentationDataset, decode_samples, load_local_splits, training_augmentation
+from polyp_segmentation.loading import check_remote_code_arguments
+from polyp_segmentation.metrics import confusion_counts, summarize
+from polyp_segmentation.testing import REPO_ROOT
 
 MODELS = ("ours", "smp-convnext", "smp-resnet34")
 IMAGENET_STATISTICS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import REPO_ROOT
+
+from polyp_segmentation.testing import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""benchmarks/bench_cpu.py --tiny runs end to end, writes its JSON and its README section (figures not asserted)."""
+"""benchmarks/bench_cpu.py --tiny runs end to end, writes its JSON and prints the table make_model_card.py renders
+into docs/performance.md (figures not asserted)."""
 
 import json
 import os
@@ -6,10 +7,7 @@ import platform
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
-
-MARKERS = ("<!-- performance:start -->", "<!-- performance:end -->")
-README = f"# Model\n\n## Performance\n\n{MARKERS[0]}\nold figures\n{MARKERS[1]}\n\n## Citation\n"
+from polyp_segmentation.testing import REPO_ROOT
 
 
 def run_bench(*args) -> subprocess.CompletedProcess:
@@ -18,14 +16,15 @@ def run_bench(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def test_tiny_benchmark_writes_json_and_readme(tmp_path):
-    output_json, readme = tmp_path / "bench.json", tmp_path / "README.md"
-    readme.write_text(README)
+def test_tiny_benchmark_writes_json_and_prints_the_table(tmp_path):
+    from polyp_segmentation.reports import render_performance
+
+    output_json = tmp_path / "bench.json"
     # ONNX Runtime is left out: exporting the three models would triple the test's time, and tests/test_onnx.py
     # covers the export. The `eager` backend checks that torch.compile traces the models without Inductor's compiler.
     result = run_bench("--tiny", "--resolution", "32", "--batch_size", "2", "--repeats", "2", "--warmup", "1",
                        "--threads", "1", "--compile_backend", "eager", "--skip", "onnxruntime",
-                       "--output_json", output_json, "--update_readme", readme)
+                       "--output_json", output_json)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
 
     report = json.loads(output_json.read_text())
@@ -53,22 +52,11 @@ def test_tiny_benchmark_writes_json_and_readme(tmp_path):
         assert figures["throughput"] > 0 and figures["throughput_vs_ours_training"] > 0
     assert ours["variants"]["eager"]["throughput_vs_ours_eager"] == 1.0
 
-    text = readme.read_text()
-    assert text.startswith("# Model\n\n## Performance\n\n") and text.endswith("\n\n## Citation\n")
-    section = text.split(MARKERS[0])[1].split(MARKERS[1])[0]
-    assert "old figures" not in section
-    assert "| Attention U-Net (ours) | eager |" in section
-    assert "| Attention U-Net (ours) | training, channels_last_compile |" in section
-    assert "python benchmarks/bench_cpu.py --tiny" in section
-
-
-def test_readme_without_markers_is_refused_and_left_alone(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# Model\n\nNo performance section.\n")
-    result = run_bench("--tiny", "--update_readme", readme)
-    assert result.returncode != 0
-    assert "performance:start" in result.stderr
-    assert readme.read_text() == "# Model\n\nNo performance section.\n"
+    table = render_performance(report)
+    assert table in result.stdout
+    assert "| Attention U-Net (ours) | eager |" in table
+    assert "| Attention U-Net (ours) | training, channels_last_compile |" in table
+    assert "python benchmarks/bench_cpu.py --tiny" in table
 
 
 def _importable(module: str) -> bool:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+
+from polyp_segmentation.testing import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

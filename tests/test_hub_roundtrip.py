@@ -18,9 +18,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TINY_OVERRIDES
 from hub_server import HubServer, last_json_line, run_python
-from test_training import TINY_CONFIG_OVERRIDES
+
+from polyp_segmentation.testing import REPO_ROOT, TINY_CONFIG_OVERRIDES, TINY_OVERRIDES
 
 DATASET_ID = "user/kvasir-seg-tiny"
 MODEL_ID = "user/tiny-unet"
@@ -229,7 +229,7 @@ def test_a_hub_copy_without_usable_columns_is_a_clear_error_until_they_are_named
         from pathlib import Path
         import datasets
         from PIL import Image
-        from segmentation_data import DataError, load_hub_splits
+        from polyp_segmentation.data import DataError, load_hub_splits
 
         root, repo_id = Path(sys.argv[1]), sys.argv[2]
         names = (root / "splits" / "train.txt").read_text().split()[:2]

@@ -11,7 +11,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_OVERRIDES, make_model, save_as_normalised_input_folder
+
+from polyp_segmentation.testing import REPO_ROOT, TINY_OVERRIDES, make_model, save_as_normalised_input_folder
 
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.jpg"))
 
@@ -114,7 +115,7 @@ def test_inconsistent_statistics_are_refused_by_name(overrides, message):
 
 @pytest.mark.parametrize("value", [[0.2, 0.0, 0.2], [0.2, -1.0, 0.2], "imagenet", [float("nan")] * 3])
 def test_a_bad_image_std_is_refused_naming_the_field(value):
-    from conftest import make_config
+    from polyp_segmentation.testing import make_config
 
     with pytest.raises(ValueError, match="image_std"):
         make_config(image_std=value)

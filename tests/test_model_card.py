@@ -10,9 +10,8 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import REPO_ROOT
 
-from segmentation_metrics import format_table
+from polyp_segmentation.testing import REPO_ROOT
 
 WEIGHTS = REPO_ROOT / "model.safetensors"
 README = REPO_ROOT / "README.md"
@@ -61,39 +60,57 @@ def test_medium_matmul_precision_scores_the_shipped_weights_as_the_default_does(
     assert results["medium"]["loss"] == pytest.approx(results["highest"]["loss"], rel=1e-3)
 
 
-def card_model_index_mean_dice() -> float:
-    front_matter = README.read_text().split("\n---\n", 1)[0]
-    match = re.search(r"- type: mean_dice\n\s+value: ([0-9.]+)", front_matter)
-    assert match, "the card's metadata has no model-index mean_dice"
-    return float(match.group(1))
+def card_model_index(name: str) -> float:
+    from huggingface_hub import ModelCard
+
+    results = ModelCard.load(README).data.eval_results
+    (value,) = [result.metric_value for result in results if result.metric_type == name]
+    return value
 
 
 def test_shipped_checkpoint_does_not_regress_below_the_card(fresh_test_evaluation):
-    assert fresh_test_evaluation["metrics"]["mean_dice"] >= card_model_index_mean_dice() - 0.005
+    assert fresh_test_evaluation["metrics"]["mean_dice"] >= card_model_index("mean_dice") - 0.005
 
 
-def assert_card_table_matches(recorded_name: str, fresh: dict, weights) -> None:
+def assert_recorded_evaluation_matches(recorded_name: str, fresh: dict, weights) -> None:
+    """The card is written from eval/<recorded_name> (see the test below); the figures there must be evaluate.py's
+    for the shipped weights now."""
     recorded = json.loads((REPO_ROOT / "eval" / recorded_name).read_text())
     assert recorded["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest(), (
         f"eval/{recorded_name} was measured on other weights: rerun evaluate.py and make_model_card.py"
     )
     assert recorded["split_sha256"] == fresh["split_sha256"]
-    table = format_table(fresh["metrics"], fresh["loss"])
-    assert table in README.read_text(), f"the card's table for eval/{recorded_name} differs from evaluate.py's now"
+    for name, value in fresh["metrics"].items():
+        assert recorded["metrics"][name] == pytest.approx(value, abs=1e-4), name
+    assert recorded["loss"] == pytest.approx(fresh["loss"], abs=1e-4)
 
 
-def test_card_table_matches_evaluate_output_for_the_shipped_weights(fresh_test_evaluation, shipped_weights):
-    assert_card_table_matches("test.json", fresh_test_evaluation, shipped_weights)
-    assert card_model_index_mean_dice() == pytest.approx(fresh_test_evaluation["metrics"]["mean_dice"], abs=1e-4)
+def test_card_figures_are_evaluate_output_for_the_shipped_weights(fresh_test_evaluation, shipped_weights):
+    assert_recorded_evaluation_matches("test.json", fresh_test_evaluation, shipped_weights)
+    assert card_model_index("mean_dice") == pytest.approx(fresh_test_evaluation["metrics"]["mean_dice"], abs=1e-4)
+    assert f"| dice | {fresh_test_evaluation['metrics']['mean_dice']:.4f} |" in README.read_text()
 
 
 @pytest.mark.slow
-def test_card_flip_tta_table_matches_evaluate_output(shipped_weights, kvasir_root, tmp_path):
+def test_card_flip_tta_figures_are_evaluate_output(shipped_weights, kvasir_root, tmp_path):
     if not (REPO_ROOT / "eval" / "test_tta.json").is_file():
         pytest.skip("the card has no flip-TTA figures (eval/test_tta.json)")
     fresh = evaluate_like("test_tta.json", kvasir_root, tmp_path / "test_tta.json")
     assert fresh["tta"]
-    assert_card_table_matches("test_tta.json", fresh, shipped_weights)
+    assert_recorded_evaluation_matches("test_tta.json", fresh, shipped_weights)
+
+
+def test_card_is_hub_sized_with_metadata_huggingface_hub_reads():
+    from huggingface_hub import ModelCard
+
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    card = ModelCard.load(README)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-segmentation"
+    assert {result.metric_type for result in card.data.eval_results} >= {"mean_dice", "mean_iou", "pooled_dice"}
+    assert "/work/" not in text and "/home/" not in text  # no path of any machine
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (REPO_ROOT / link).is_file(), link
 
 
 def test_demo_segments_an_example_image_with_the_shipped_checkpoint(shipped_weights, tmp_path):
@@ -148,53 +165,72 @@ def test_card_leaves_out_epochs_whose_validation_was_not_finite():
     assert curve_shape(stage) == "flattening (best 0.7200 at epoch 5 of 7; last epochs 0.720, 0.715, 0.710)"
 
 
-def test_card_is_what_make_model_card_writes_from_the_committed_measurements(shipped_weights, kvasir_root, tmp_path):
-    """The card's generated parts (model-index, status, results, recipe, fit probe, training speed) and its figures
-    come from make_model_card.py: run on the committed files, it leaves the card as committed."""
+DOCS = ("training.md", "architecture.md", "performance.md")
+
+
+def run_make_model_card(kvasir_root, tmp_path, *extra: str) -> None:
     from make_model_card import main
 
-    readme = tmp_path / "README.md"
-    shutil.copyfile(README, readme)
-    main(["--readme", str(readme), "--assets_dir", str(tmp_path / "assets"), "--dataset_name", str(kvasir_root)])
-    assert readme.read_text() == README.read_text(), "README.md differs from what make_model_card.py writes: run it"
+    shutil.copyfile(README, tmp_path / "README.md")
+    shutil.copytree(REPO_ROOT / "docs", tmp_path / "docs")
+    main(["--readme", str(tmp_path / "README.md"), "--docs_dir", str(tmp_path / "docs"), "--assets_dir",
+          str(tmp_path / "assets"), "--dataset_name", str(kvasir_root), *extra])
+
+
+def test_card_and_docs_are_what_make_model_card_writes_from_the_committed_measurements(shipped_weights, kvasir_root,
+                                                                                        tmp_path):
+    """The card (from docs/model_card_template.md), the generated parts of docs/ and the figures come from
+    make_model_card.py: run on the committed files, it leaves them as committed."""
+    run_make_model_card(kvasir_root, tmp_path)
+    assert (tmp_path / "README.md").read_text() == README.read_text(), "README.md differs: run make_model_card.py"
+    for name in DOCS:
+        assert (tmp_path / "docs" / name).read_text() == (REPO_ROOT / "docs" / name).read_text(), (
+            f"docs/{name} differs from what make_model_card.py writes: run it")
     for name in ("training_curves.png", "test_predictions.png"):
         with PIL.Image.open(tmp_path / "assets" / name) as drawn, PIL.Image.open(REPO_ROOT / "assets" / name) as kept:
             assert drawn.size == kept.size
 
 
 def test_card_figure_refuses_an_evaluation_of_other_data(shipped_weights, kvasir_root, tmp_path):
-    from make_model_card import main
-
     eval_dir = tmp_path / "eval"
     shutil.copytree(REPO_ROOT / "eval", eval_dir)
     test = json.loads((eval_dir / "test.json").read_text())
     test["per_image"][0].update(name="not-a-kvasir-frame", dice=0.0)  # the worst frame: always drawn
     (eval_dir / "test.json").write_text(json.dumps(test))
-    shutil.copyfile(README, tmp_path / "README.md")
     with pytest.raises(ValueError, match="not-a-kvasir-frame.*not in its test split"):
-        main(["--readme", str(tmp_path / "README.md"), "--eval_dir", str(eval_dir), "--assets_dir",
-              str(tmp_path / "assets"), "--dataset_name", str(kvasir_root)])
+        run_make_model_card(kvasir_root, tmp_path, "--eval_dir", str(eval_dir))
     assert (tmp_path / "README.md").read_text() == README.read_text()
 
 
-def test_card_training_speed_table_is_the_committed_benchmark():
-    from make_model_card import render_training_speed
+def generated_block(document: str, name: str) -> str:
+    text = (REPO_ROOT / "docs" / document).read_text()
+    return text.split(f"<!-- {name}:start -->", 1)[1].split(f"<!-- {name}:end -->", 1)[0]
+
+
+def test_training_speed_table_is_the_committed_benchmark():
+    from polyp_segmentation.reports import render_training_speed
 
     result = json.loads((REPO_ROOT / "benchmarks" / "train_cpu.json").read_text())
-    card = (REPO_ROOT / "README.md").read_text()
-    block = card.split("<!-- training-speed:start -->", 1)[1].split("<!-- training-speed:end -->", 1)[0]
+    block = generated_block("training.md", "training-speed")
     assert block.strip() == render_training_speed(result).strip()
     for step in result["step_alone"]:
         assert f"| {step['variant']} | {step['frames_per_second']:.2f} |" in block
 
 
-def test_card_fit_probe_table_is_the_committed_probe_results():
-    """Every row of the card's fit-probe table comes from benchmarks/fit_probe.jsonl, in its order."""
-    from make_model_card import load_jsonl, render_fit_probe
+def test_performance_table_is_the_committed_benchmark():
+    from polyp_segmentation.reports import render_performance
+
+    report = json.loads((REPO_ROOT / "benchmarks" / "cpu.json").read_text())
+    assert generated_block("performance.md", "performance").strip() == render_performance(report).strip()
+
+
+def test_fit_probe_table_is_the_committed_probe_results():
+    """Every row of the fit-probe table comes from benchmarks/fit_probe.jsonl, in its order."""
+    from make_model_card import load_jsonl
+    from polyp_segmentation.reports import render_fit_probe
 
     results = load_jsonl(REPO_ROOT / "benchmarks" / "fit_probe.jsonl")
-    card = (REPO_ROOT / "README.md").read_text()
-    block = card.split("<!-- fit-probe:start -->", 1)[1].split("<!-- fit-probe:end -->", 1)[0]
+    block = generated_block("architecture.md", "fit-probe")
     assert block.strip() == render_fit_probe(results).strip()
     rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| probe")]
     assert len(rows) == len(results)

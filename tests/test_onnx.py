@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from polyp_segmentation.testing import REPO_ROOT
 
 ATOL = 1e-3
 
@@ -111,7 +111,7 @@ def test_metadata_carries_the_threshold_and_the_input_convention(export, model_d
 
 
 def test_predict_onnx_refuses_a_processor_that_normalises_again(export, frames, tmp_path):
-    from conftest import save_as_normalised_input_folder
+    from polyp_segmentation.testing import save_as_normalised_input_folder
 
     folder = save_as_normalised_input_folder(REPO_ROOT, tmp_path / "normalising_processor")
     result = run_script("predict.py", frames[0], "--model", folder, "--onnx", export[0], "--output_dir", tmp_path)

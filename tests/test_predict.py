@@ -11,7 +11,7 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 
-from conftest import REPO_ROOT
+from polyp_segmentation.testing import REPO_ROOT
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -126,15 +126,15 @@ def test_grayscale_rgba_16bit_exif_and_tiff_inputs(tiny_model_dir, tmp_path):
 
 
 def test_overlay_fills_and_outlines_the_mask():
-    import segmentation_inference as inference
+    from polyp_segmentation import drawing
 
     frame = np.full((60, 80, 3), 100, dtype=np.uint8)
     mask = np.zeros((60, 80), dtype=bool)
     mask[20:40, 30:60] = True
-    overlay = inference.overlay_mask(frame, mask)
+    overlay = drawing.overlay_mask(frame, mask)
     assert (overlay[~mask] == frame[~mask]).all()  # outside untouched
     assert (overlay[mask[:, :, None].repeat(3, -1)].reshape(-1, 3) != 100).any(axis=1).all()  # inside changed
-    assert (overlay[20, 45] == inference.OVERLAY_COLOR).all()  # the border is drawn in the solid colour
+    assert (overlay[20, 45] == drawing.OVERLAY_COLOR).all()  # the border is drawn in the solid colour
     inside = overlay[30, 45].astype(float)  # the interior is blended
-    assert np.allclose(inside, (1 - inference.OVERLAY_ALPHA) * 100 + inference.OVERLAY_ALPHA * inference.OVERLAY_COLOR,
+    assert np.allclose(inside, (1 - drawing.OVERLAY_ALPHA) * 100 + drawing.OVERLAY_ALPHA * drawing.OVERLAY_COLOR,
                        atol=1)

@@ -12,8 +12,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import REPO_ROOT
 from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from polyp_segmentation.testing import REPO_ROOT
 
 EXAMPLE = sorted((REPO_ROOT / "examples").glob("*.jpg"))[0]
 
@@ -76,7 +77,7 @@ def test_pipeline_has_no_polyp_segment_for_a_frame_judged_free_and_the_score_oth
 
 
 def test_config_refuses_a_presence_threshold_outside_the_unit_interval():
-    from conftest import make_config
+    from polyp_segmentation.testing import make_config
 
     with pytest.raises(ValueError, match="presence_threshold"):
         make_config(presence_threshold=1.5)

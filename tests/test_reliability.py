@@ -13,10 +13,15 @@ import numpy as np
 import PIL.Image
 import pytest
 from safetensors.torch import load_file
-from test_training import TINY_CONFIG_OVERRIDES, assert_same_weights, final_weights, run_training
 
-from conftest import REPO_ROOT
-from segmentation_data import DataError, load_local_splits
+from polyp_segmentation.data import DataError, load_local_splits
+from polyp_segmentation.testing import (
+    REPO_ROOT,
+    TINY_CONFIG_OVERRIDES,
+    assert_same_weights,
+    final_weights,
+    run_training,
+)
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
 from hub_server import HubServer
+
+from polyp_segmentation.testing import REPO_ROOT
 
 HUB_ID = "someone/attention-unet-fork"
 EXAMPLE = sorted((REPO_ROOT / "examples").glob("*.jpg"))[0]
@@ -47,7 +48,7 @@ def test_a_local_folder_whose_auto_map_points_at_another_repository_needs_the_fl
     import json
     import shutil
 
-    from segmentation_inference import UntrustedRemoteCodeError, check_remote_code_allowed
+    from polyp_segmentation.loading import UntrustedRemoteCodeError, check_remote_code_allowed
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -61,7 +62,7 @@ def test_a_local_folder_whose_auto_map_points_at_another_repository_needs_the_fl
 
 
 def test_this_repository_and_hub_ids_with_the_flag_are_allowed():
-    from segmentation_inference import check_remote_code_allowed
+    from polyp_segmentation.loading import check_remote_code_allowed
 
     check_remote_code_allowed(REPO_ROOT, trust_remote_code=False)
     check_remote_code_allowed(HUB_ID, trust_remote_code=True)

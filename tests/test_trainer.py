@@ -5,7 +5,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_OVERRIDES, make_model
+
+from polyp_segmentation.testing import REPO_ROOT, TINY_OVERRIDES, make_model
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +17,9 @@ def frames_and_masks(kvasir_root):
 
 
 def test_processor_returns_labels_for_segmentation_maps_as_training_decodes_them(frames_and_masks, kvasir_root):
-    from segmentation_data import decode_sample, load_local_splits
     from transformers import AutoImageProcessor
+
+    from polyp_segmentation.data import decode_sample, load_local_splits
 
     images, masks, names = frames_and_masks
     processor = AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)

@@ -1,0 +1,32 @@
+"""Command-line arguments the scripts share."""
+
+import argparse
+
+from polyp_segmentation.loading import check_remote_code_arguments
+
+MODEL_HELP = "A saved model folder or a Hub model id."
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = None, required: bool = False,
+                        help: str = MODEL_HELP) -> None:
+    """`--model`, `--revision` and `--trust_remote_code`, as every script that loads a saved model takes them; check
+    the parsed values with `check_model_arguments`."""
+    parser.add_argument("--model", default=default, required=required, help=help)
+    parser.add_argument("--revision", default=None, help="Branch, tag or commit of a Hub model.")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="Allow a Hub model, whose Python code (configuration, model, processor) then runs here.")
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` (nothing downloaded or run) where `--model` names a Hub model without `--trust_remote_code`."""
+    check_remote_code_arguments(parser, args.trust_remote_code, {"--model": args.model})
+
+
+def add_float32_matmul_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """`--float32_matmul_precision`, as train_accelerate.py, evaluate.py, predict.py and app.py take it."""
+    parser.add_argument(
+        "--float32_matmul_precision", choices=("highest", "high", "medium"), default=None,
+        help="torch.set_float32_matmul_precision for the run (default: PyTorch's, 'highest'). 'high' and 'medium' "
+             "allow TF32 / bf16 inside float32 matrix products where the hardware has them; 'medium' also sends a "
+             "CPU's float32 matrix products through oneDNN, 2.3x faster than MKL on AVX-512 AMD CPUs and still "
+             "float32 there (docs/training.md: Training speed on a CPU).")
