@@ -75,7 +75,7 @@ def problem(message: str) -> str:
 def build_demo(model, processor, device: str = "cpu") -> gr.Blocks:
     """The two-tab app around `model` and its `processor`."""
     default_threshold = float(model.config.threshold)
-    presence_threshold = model.config.presence_threshold
+    presence_threshold = getattr(model.config, "presence_threshold", None)  # None in configs saved before it
 
     def segment(frames, threshold, tta, attention_maps=False):
         return segment_frames(model, processor, frames, threshold, tta, attention_maps, device,

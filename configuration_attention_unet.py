@@ -49,8 +49,6 @@ class AttentionUNetConfig(PretrainedConfig):
         image_std (`list[float]`, *optional*, defaults to ImageNet's `[0.229, 0.224, 0.225]`):
             Per-channel standard deviation the model divides by after subtracting `image_mean`. Set both or neither;
             with `num_channels` other than 3, the defaults are the average of ImageNet's, for every channel.
-        image_size (`int`, *optional*, defaults to 256):
-            Side of the square images the model is trained at (inputs of other sizes are padded, not rejected).
         num_output_channels (`int`, *optional*, defaults to 1):
             Channels of the logits. Must be 1: the model segments one class, its sigmoid the foreground probability.
         loss_alpha (`float`, *optional*, defaults to 0.5):
@@ -100,7 +98,6 @@ class AttentionUNetConfig(PretrainedConfig):
         num_channels: int = 3,
         image_mean: list[float] | tuple[float, ...] | None = IMAGENET_DEFAULT_MEAN,
         image_std: list[float] | tuple[float, ...] | None = IMAGENET_DEFAULT_STD,
-        image_size: int = 256,
         num_output_channels: int = 1,
         loss_alpha: float = 0.5,
         dice_on_empty_masks: bool = True,
@@ -126,7 +123,6 @@ class AttentionUNetConfig(PretrainedConfig):
             image_std = [sum(IMAGENET_DEFAULT_STD) / 3] * num_channels
         self.image_mean = image_mean
         self.image_std = image_std
-        self.image_size = image_size
         self.num_output_channels = num_output_channels
         self.loss_alpha = loss_alpha
         self.dice_on_empty_masks = dice_on_empty_masks
@@ -246,7 +242,6 @@ _FIELD_CHECKS = {
     "num_channels": _check_positive_int("num_channels"),
     "image_mean": _check_channel_statistics("image_mean", positive=False),
     "image_std": _check_channel_statistics("image_std", positive=True),
-    "image_size": _check_positive_int("image_size"),
     "num_output_channels": _check_num_output_channels,
     "loss_alpha": _check_range("loss_alpha", 0.0, 1.0, False, False),
     "threshold": _check_range("threshold", 0.0, 1.0, True, True),

@@ -4,9 +4,9 @@
     python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
 
 Prints the seed card's table (Dice, IoU, F1, precision, recall, accuracy, loss), both as the mean over images (the
-polyp literature's mDice / mIoU) and pooled over all pixels. Images and masks are resized to `--resolution` exactly as
-training validates them. The JSON holds the figures, per-image scores, the weights' sha256 and revision, the split's
-file-list hash and the command, so a model card can be generated from it.
+polyp literature's mDice / mIoU) and pooled over all pixels. Images and masks are resized to `--resolution` (default:
+the image processor's size) exactly as training validates them. The JSON holds the figures, per-image scores, the
+weights' sha256 and revision, the split's file-list hash and the command, so a model card can be generated from it.
 """
 
 import argparse
@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_column_name", default=None)
     parser.add_argument("--label_column_name", default=None)
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="Side the frames are resized to (default: the image processor's size, the model's).")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=8)
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--tta", action="store_true", help="Average the logits of the input and its flips.")
@@ -134,13 +135,13 @@ def score_negatives(model, args: argparse.Namespace, threshold: float, normaliza
 
 def negative_summary(source: str, counts: torch.Tensor, scores: torch.Tensor, positive_counts: torch.Tensor,
                      positive_scores: torch.Tensor, threshold: float, presence_threshold: float | None) -> dict:
-    """False alarms (with the frames judged polyp-free emptied), the frame-level specificity, and the ROC AUC of two
-    frame scores (largest probability, marked area) against the frames with a polyp."""
+    """False alarms of the raw logits (what a user thresholding `logits.sigmoid()` sees), the frame-level decision's
+    specificity (the share judged polyp-free, whose masks the processor empties), and the ROC AUC of two frame scores
+    (largest probability, marked area) against the frames with a polyp."""
     marked_area = lambda c: c[:, :2].sum(1).double() / c.sum(1).double()  # noqa: E731
     judged_present = [is_polyp_present(score, threshold, presence_threshold) for score in scores.tolist()]
     return {
-        "source": source, "num_images": len(scores),
-        **false_alarm_summary(counts_with_frames_judged_free(counts, scores, presence_threshold)),
+        "source": source, "num_images": len(scores), **false_alarm_summary(counts),
         "specificity": 1.0 - sum(judged_present) / len(scores),
         "roc_auc_max_probability": roc_auc(positive_scores, scores),
         "roc_auc_marked_area": roc_auc(marked_area(positive_counts), marked_area(counts)),
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model, processor = load_model_and_processor(args.model, args.revision, args.trust_remote_code, args.device)
     threshold = model.config.threshold
+    args.resolution = args.resolution or processor.size["height"]
 
     splits, _ = load_splits(args.dataset_name, args.image_column_name, args.label_column_name)
     samples = splits[args.split][: args.max_eval_samples] if args.max_eval_samples else splits[args.split]
@@ -172,9 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
     raw_counts, loss, scores = score_dataset(model, dataset, args, threshold, args.split)
     negatives = score_negatives(model, args, threshold, normalization, images, masks) if args.negative_dataset_name \
         else None
-    presence_threshold = model.config.presence_threshold if args.presence_threshold is None else args.presence_threshold
+    presence_threshold = getattr(model.config, "presence_threshold", None) if args.presence_threshold is None \
+        else args.presence_threshold
     if args.choose_presence_threshold is not None:
-        presence_threshold = presence_threshold_for(scores, args.choose_presence_threshold)
+        # A score of exactly 1 (float32 saturates) would make a threshold the config refuses.
+        presence_threshold = min(presence_threshold_for(scores, args.choose_presence_threshold), 1.0 - 1e-6)
         write_presence_threshold(args.model, presence_threshold)
         print(f"Chose presence threshold {presence_threshold:.6f} (at least {args.choose_presence_threshold:g} of the "
               f"{args.split} frames with a polyp judged to hold one); wrote it to {args.model}/config.json.")
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                      for key, scored in negatives.items()}
         print(f"\nFrames with a polyp judged to hold one (presence threshold {presence_threshold}): "
               f"{sensitivity:.3f}\n")
-        print("| polyp-free frames | images | > 1 % marked | any pixel marked | judged polyp-free | "
+        print("| polyp-free frames | images | > 1 % marked (raw logits) | any pixel marked | judged polyp-free | "
               "ROC AUC (max probability) | ROC AUC (marked area) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for entry in negatives.values():
             print(f"| {entry['source']} | {entry['num_images']} | {entry['false_alarm_rate']:.3f} | "

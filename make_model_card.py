@@ -178,7 +178,7 @@ def render_results(test: dict, test_tta: dict | None, validation: dict, has_figu
         f"{test['resolution']}x{test['resolution']}, threshold {test['threshold']}:\n\n" + "\n".join(lines)
     ]
     if validation.get("negatives"):
-        rows = ["| polyp-free frames | frames | > 1 % marked | any pixel marked | judged polyp-free |",
+        rows = ["| polyp-free frames | frames | > 1 % marked (raw logits) | any pixel marked | judged polyp-free |",
                 "|---|---:|---:|---:|---:|"]
         rows += [f"| {e['source']} | {e['num_images']} | {e['false_alarm_rate']:.3f} | {e['any_pixel_rate']:.3f} | "
                  f"{e['specificity']:.3f} |" for e in validation["negatives"].values()]

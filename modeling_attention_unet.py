@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_attention_unet import AttentionUNetConfig
 
@@ -27,8 +28,8 @@ UNIT_RANGE_SLACK = 0.25
 
 def _is_traced() -> bool:
     """Whether this forward is being compiled, exported or traced (no host reads there)."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export())
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+    return is_torchdynamo_compiling() or exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def attention_unet_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, smooth: float = 1.0,

@@ -166,14 +166,14 @@ def load_segmenter(args: argparse.Namespace):
         if segmenter.threshold is not None:
             return segmenter, processor, segmenter.threshold, segmenter.presence_threshold
         config = AutoConfig.from_pretrained(source, revision=args.revision, trust_remote_code=True)
-        return segmenter, processor, config.threshold, config.presence_threshold
+        return segmenter, processor, config.threshold, getattr(config, "presence_threshold", None)
     if args.float32_matmul_precision:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model = load_model(args.model, args.revision, args.trust_remote_code).to(args.device).eval()
     check_input_convention(model.config, processor, str(args.model))
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model, processor, model.config.threshold, model.config.presence_threshold
+    return model, processor, model.config.threshold, getattr(model.config, "presence_threshold", None)
 
 
 def iterate_batches(paths: list[Path], stems: list[str], batch_size: int) -> Iterator[tuple[list, list[str]]]:

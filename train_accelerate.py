@@ -322,7 +322,6 @@ def load_config_and_processor(args: argparse.Namespace):
         if unknown:
             raise ValueError(f"--config_overrides: {unknown} are not fields of {type(config).__name__}.")
         config = type(config).from_dict({**config.to_dict(), **overrides})
-    config.image_size = args.resolution
     processor = AutoImageProcessor.from_pretrained(args.config_name, trust_remote_code=True)
     processor.size = {"height": args.resolution, "width": args.resolution}
     check_input_convention(config, processor, f"--config_name {args.config_name}")
@@ -399,7 +398,7 @@ def build_datasets(args: argparse.Namespace, processor, augment_on_device: bool 
     train_full_frame = training_dataset(None) if args.final_full_frame_epochs else None
     validation = PolypSegmentationDataset(*decoded["validation"], mean, std)
     validation_negatives = None
-    if args.negative_ratio:
+    if args.negative_ratio or args.negative_dataset_name:
         # The polyp-free frames' validation split and fixed polyp-free crops of the validation frames.
         frames = negatives["validation"] + polyp_free_crops(decoded["validation"][1], decoded["validation"][2])
         validation_negatives = PolypSegmentationDataset(
@@ -613,8 +612,11 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, accelerator.device.type)
     steps_per_epoch = math.ceil(len(loaders["train"]) / accelerator.num_processes / args.gradient_accumulation_steps)
     lr_scheduler, max_train_steps, num_train_epochs = build_lr_scheduler(args, accelerator, optimizer, steps_per_epoch)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    loaders = {name: None if loader is None else accelerator.prepare(loader) for name, loader in loaders.items()}
+    # One call with the DataLoaders: DeepSpeed takes its micro-batch size from them.
+    names = [name for name, loader in loaders.items() if loader is not None]
+    model, optimizer, lr_scheduler, *prepared = accelerator.prepare(
+        model, optimizer, lr_scheduler, *(loaders[name] for name in names))
+    loaders.update(zip(names, prepared))
     # Only the training step is compiled: it shares its parameters with `model`, which saves, validates and resumes
     # eagerly (whole images at evaluation would compile a second graph).
     training_model = model

@@ -219,7 +219,8 @@ datasets:
 
 # Attention U-Net for polyp segmentation (training run output)
 
-Best model of a `train_accelerate.py` run, chosen by validation mean Dice, at epoch {metrics['epoch']}.
+Best model of a `train_accelerate.py` run, chosen by its selection score (the validation mean Dice, averaged with the
+share of polyp-free frames left quiet where the run validates on some), at epoch {metrics['epoch']}.
 
 ## Validation results ({run_config['num_eval_samples']} images, {args.resolution}x{args.resolution})
 

@@ -71,21 +71,29 @@ def segment_frames(model, processor, frames: list[np.ndarray], threshold: float,
             logits = predict_logits(model, pixel_values, tta=tta)
         logits = logits.float().cpu()
         sizes = [frame.shape[:2] for frame in frames]
-        outputs = SemanticSegmenterOutput(logits=logits)
+        # The frame-level decision is made here rather than by the processor, so that processors saved before it
+        # existed (without `presence_threshold`) give the same result.
         masks = processor.post_process_semantic_segmentation(
-            outputs, target_sizes=sizes, threshold=threshold, presence_threshold=presence_threshold
+            SemanticSegmenterOutput(logits=logits), target_sizes=sizes, threshold=threshold
         )
-        scores = processor.post_process_polyp_scores(outputs).tolist()
+        scores = polyp_scores(logits).tolist()
         probabilities = [
             F.interpolate(frame_logits[None], size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid()
             for frame_logits, size in zip(logits, sizes)
         ]
-    return [
-        FrameSegmentation(mask.numpy().astype(bool), probability.numpy(), score, is_polyp_present(score, threshold,
-                                                                                                 presence_threshold),
-                          [gate[index] for gate in gate_maps] if gate_maps is not None else None)
-        for index, (mask, probability, score) in enumerate(zip(masks, probabilities, scores))
-    ]
+    results = []
+    for index, (mask, probability, score) in enumerate(zip(masks, probabilities, scores)):
+        present = is_polyp_present(score, threshold, presence_threshold)
+        mask = mask.numpy().astype(bool) & present
+        results.append(FrameSegmentation(mask, probability.numpy(), score, present,
+                                         [gate[index] for gate in gate_maps] if gate_maps is not None else None))
+    return results
+
+
+def polyp_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Each frame's polyp score, its largest polyp probability: `(B,)` from `(B, 1, h, w)` logits (as the image
+    processor's `post_process_polyp_scores`)."""
+    return logits.float().flatten(1).amax(dim=1).sigmoid()
 
 
 def is_polyp_present(score: float, threshold: float, presence_threshold: float | None) -> bool:

@@ -140,7 +140,7 @@ def load_processor(name_or_path: str | Path, revision: str | None = None, trust_
 def check_input_convention(config, processor, where: str) -> None:
     """Raises `ValueError` unless exactly one of `processor` and the model normalises the pixel values. `config` is
     the model's config (or anything with its `image_mean`: an ONNX export's metadata); `where` names their source."""
-    model_normalizes = config.image_mean is not None
+    model_normalizes = getattr(config, "image_mean", None) is not None  # configs saved before it have none
     if model_normalizes and processor.do_normalize:
         raise ValueError(
             f"{where}: the image processor normalises (do_normalize true) and so does the model (config image_mean "

@@ -68,7 +68,7 @@ def export_to_onnx(
 def onnx_input_metadata(config) -> dict[str, str]:
     """What an export's `pixel_values` are, for the file's metadata: RGB in [0, 1] that the graph normalises with the
     `image_mean` / `image_std` it records, or (models whose config has none) values already normalised."""
-    if config.image_mean is None:
+    if getattr(config, "image_mean", None) is None:  # configs saved before the model normalised its inputs
         return {"pixel_values": "normalised as the model's image processor does (do_normalize true)"}
     return {"pixel_values": "RGB in [0, 1]; the graph normalises with image_mean and image_std",
             "image_mean": json.dumps(config.image_mean), "image_std": json.dumps(config.image_std)}
@@ -83,9 +83,8 @@ def export_model(model, output: str | os.PathLike, opset: int = DEFAULT_OPSET, s
     metadata = {
         "threshold": str(model.config.threshold),
         **({"presence_threshold": str(model.config.presence_threshold)}
-           if model.config.presence_threshold is not None else {}),
+           if getattr(model.config, "presence_threshold", None) is not None else {}),
         "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
-        "image_size": str(model.config.image_size),
         **onnx_input_metadata(model.config),
         "num_attention_maps": str(num_gates),
         "source_model": str(source or model.config.name_or_path or ""),

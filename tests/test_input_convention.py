@@ -57,7 +57,8 @@ def test_original_card_snippet_gives_the_processor_masks_on_test_frames(shipped,
 
 
 def test_shipped_weights_give_the_logits_of_the_normalising_processor(shipped, shipped_as_saved_before):
-    """Today's files and those saved before the change: the same function split differently, bit for bit."""
+    """Today's files and those saved before the change: the same function split differently, within float
+    tolerance (the same floating-point operations, in another place)."""
     model, processor = shipped
     old_model, old_processor, _ = shipped_as_saved_before
     assert old_model.config.image_mean is None and old_model.pixel_normalization is None
@@ -158,3 +159,35 @@ def test_scripts_refuse_a_processor_and_model_that_both_normalise(tiny_model_dir
                                 "--output_dir", str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode != 0
     assert f"{tmp_path}: the image processor normalises" in completed.stderr and "twice" in completed.stderr
+
+
+# The last commit before the model normalised its inputs: its config, processor config and remote code.
+PRE_NORMALIZATION_COMMIT = "8fc11d3"
+FOLDER_FILES = ("config.json", "preprocessor_config.json", "configuration_attention_unet.py",
+                "modeling_attention_unet.py", "image_processing_attention_unet.py")
+
+
+@pytest.fixture(scope="module")
+def folder_of_the_earlier_code(tmp_path_factory):
+    """The shipped weights in a folder as this repository held them before the change, code included."""
+    folder = tmp_path_factory.mktemp("earlier_code")
+    for name in FOLDER_FILES:
+        shown = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{PRE_NORMALIZATION_COMMIT}:{name}"],
+                               capture_output=True)
+        if shown.returncode != 0:
+            pytest.skip(f"commit {PRE_NORMALIZATION_COMMIT} is not in this checkout's history")
+        (folder / name).write_bytes(shown.stdout)
+    (folder / "model.safetensors").symlink_to(REPO_ROOT / "model.safetensors")
+    return folder
+
+
+def test_scripts_run_a_folder_saved_by_the_earlier_code_and_give_todays_masks(folder_of_the_earlier_code, tmp_path):
+    outputs = {}
+    for name, model in (("earlier", folder_of_the_earlier_code), ("today", REPO_ROOT)):
+        completed = subprocess.run([sys.executable, "predict.py", str(EXAMPLES[0]), "--model", str(model),
+                                    "--output_dir", str(tmp_path / name)], cwd=REPO_ROOT, capture_output=True,
+                                   text=True)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        outputs[name] = np.asarray(PIL.Image.open(tmp_path / name / f"{EXAMPLES[0].stem}_mask.png")) > 0
+        assert (tmp_path / name / "predictions.csv").read_text().startswith("name,polyp_present,polyp_score")
+    assert outputs["today"].mean() > 0.01 and (outputs["earlier"] != outputs["today"]).mean() < 1e-4

@@ -45,7 +45,7 @@ def test_decoder_stage_count_must_match_encoder_stride():
 def test_config_defaults_are_the_documented_ones():
     config = make_config()
     assert config.encoder_name == "convnext_tiny"
-    assert config.use_attention_gates and config.num_channels == 3 and config.image_size == 256
+    assert config.use_attention_gates and config.num_channels == 3
     assert config.num_output_channels == 1 and config.loss_alpha == 0.5 and config.threshold == 0.5
     assert config.id2label == {0: "background", 1: "polyp"}
 
