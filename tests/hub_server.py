@@ -11,16 +11,16 @@ offline: `huggingface_hub` (2.x, with `HF_HUB_DISABLE_XET=1`), `datasets` (`push
         hub.stop()                             # refuses connections (and drops open keep-alive ones)
         hub.start()                            # back, on the same port, with the same repositories
 
-What it implements (as the clients call it):
-- `GET /api/whoami-v2`, `POST /api/repos/create` (409 with the repo URL when it exists), `DELETE /api/repos/delete`,
-  `POST /api/validate-yaml`;
-- `GET /api/{models,datasets,spaces}/{id}[/revision/{rev}]` (repo_info, with `siblings`, `sha`, `cardData`),
-  `.../tree/{rev}[/{path}]` (recursive or not, paginated with a `Link` header), `POST .../paths-info/{rev}`,
-  `GET .../commits/{rev}`, `GET .../refs`, `POST|DELETE .../branch/{name}`, `POST .../tag/{rev}`;
-- uploads: `POST .../preupload/{rev}` (regular or LFS by `.gitattributes` pattern, size or binary content, and the
+What it implements, trimmed to what the tests' clients call (model and dataset repositories only):
+- `GET /api/whoami-v2`, `POST /api/repos/create` (409 with the repo URL when it exists), `POST /api/validate-yaml`;
+- `GET /api/{models,datasets}/{id}[/revision/{rev}]` (repo_info, with `siblings`, `sha`, `cardData`),
+  `.../tree/{rev}[/{path}]` (recursive or not, paginated with a `Link` header), `POST .../paths-info/{rev}`
+  (form-encoded, with `expand` for `lastCommit`), `GET .../commits/{rev}`, `GET .../refs`, `POST .../branch/{name}`,
+  `POST .../tag/{rev}`;
+- uploads: `POST .../preupload/{rev}` (regular or LFS by size, binary content or `.gitattributes` pattern, and the
   remote oid so unchanged files are skipped), the LFS batch API `POST /{prefix}{id}.git/info/lfs/objects/batch`
-  (basic transfer: a `PUT` of the bytes and a verify call), and `POST .../commit/{rev}` (NDJSON), honouring
-  `parentCommit` (412 when stale) and `create_pr`;
+  (basic transfer: a `PUT` of the bytes and a verify call), and `POST .../commit/{rev}` (NDJSON: base64 `file`,
+  `lfsFile` and `deletedFile` lines) to a branch, honouring `parentCommit` (412 when stale);
 - downloads: `HEAD`/`GET /{prefix}{id}/resolve/{rev}/{path}` with `ETag`, `X-Repo-Commit`, `X-Linked-Etag`,
   `X-Linked-Size`, `Accept-Ranges` and single `Range` requests (206 / 416).
 
@@ -51,8 +51,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
-URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+REPO_TYPES = {"models": "model", "datasets": "dataset"}
+URL_PREFIXES = {"model": "", "dataset": "datasets/"}
 LFS_CONTENT_TYPE = "application/vnd.git-lfs+json"
 # The Hub's default `.gitattributes` (abridged): files matching these go to LFS.
 DEFAULT_GITATTRIBUTES = "".join(
@@ -70,13 +70,13 @@ DATASET_GITATTRIBUTES_EXTRA = "".join(
 )
 
 
-def run_python(code: str, env: dict, *args: str, cwd: str | Path | None = None, timeout: float = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
+def run_python(code: str, env: dict, *args: str, cwd: str | Path | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs `code` in a fresh interpreter (the clients read `HF_ENDPOINT` & co. at import, so they must start after
-    the environment is set). With `check`, a non-zero exit fails with the end of its stderr."""
+    the environment is set). A non-zero exit fails with the end of its stderr."""
     completed = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True, text=True,
                                timeout=timeout)
-    if check and completed.returncode != 0:
+    if completed.returncode != 0:
         raise AssertionError(f"client process exited with {completed.returncode}:\n{completed.stderr[-6000:]}")
     return completed
 
@@ -136,17 +136,16 @@ class _Repo:
         self.created_at = _now()
         self.branches: dict[str, str] = {}
         self.tags: dict[str, str] = {}
-        self.pull_requests: dict[str, str] = {}  # "refs/pr/1" -> sha
         self.commits: dict[str, dict] = {}
 
     def refs(self) -> dict[str, str]:
-        return {**self.pull_requests, **self.tags, **self.branches}
+        return {**self.tags, **self.branches}
 
 
 class HubServer:
     """The server and its state. Usable as a context manager; `url` is valid once started."""
 
-    def __init__(self, root: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
                  user: str = "user", token: str = "hf_local_test_token",
                  lfs_threshold: int = 10 * 1024 * 1024, page_size: int = 1000):
         self.host = host
@@ -155,8 +154,7 @@ class HubServer:
         self.token = token
         self.lfs_threshold = lfs_threshold
         self.page_size = page_size
-        self._own_root = root is None
-        self.root = Path(tempfile.mkdtemp(prefix="hub_server_")) if root is None else Path(root)
+        self.root = Path(tempfile.mkdtemp(prefix="hub_server_"))
         self.blob_dir = self.root / "blobs"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.repos: dict[tuple[str, str], _Repo] = {}
@@ -207,18 +205,13 @@ class HubServer:
 
     def close(self) -> None:
         self.stop()
-        if self._own_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "HubServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @property
-    def running(self) -> bool:
-        return self._httpd is not None
 
     # ------------------------------------------------------------------------------------------ fault injection
     @property
@@ -233,27 +226,23 @@ class HubServer:
     @fail_with.setter
     def fail_with(self, status: int | None) -> None:
         with self.lock:
-            rule = {"status": status, "count": None, "path": None, "method": None}
+            rule = {"status": status, "count": None, "path": None}
             self._failures = [] if status is None else [rule]
 
-    def inject_failures(self, status: int = 500, count: int | None = None, path: str | None = None,
-                        method: str | None = None) -> None:
+    def inject_failures(self, status: int = 500, count: int | None = None, path: str | None = None) -> None:
         """Answer `status` to the next `count` requests (all of them if `None`) whose path matches the regex `path`
-        (searched in the raw request path) and whose method is `method` (any if `None`)."""
+        (searched in the raw request path; any if `None`)."""
         with self.lock:
-            self._failures.append({"status": status, "count": count,
-                                   "path": re.compile(path) if path else None, "method": method})
+            self._failures.append({"status": status, "count": count, "path": re.compile(path) if path else None})
 
     def clear_failures(self) -> None:
         with self.lock:
             self._failures = []
 
-    def _injected_failure(self, method: str, path: str) -> int | None:
+    def _injected_failure(self, path: str) -> int | None:
         with self.lock:
             for rule in self._failures:
                 if rule["path"] is not None and not rule["path"].search(path):
-                    continue
-                if rule.get("method") and rule["method"] != method:
                     continue
                 if rule["count"] is not None:
                     if rule["count"] <= 0:
@@ -263,10 +252,9 @@ class HubServer:
         return None
 
     # ------------------------------------------------------------------------------------------ client helpers
-    def client_env(self, hf_home: str | Path, base: dict | None = None, token: str | None | bool = True) -> dict:
-        """Environment for a subprocess running the real clients against this server. `token=True` uses the
-        server's token, a string another one, `None`/`False` none."""
-        env = dict(os.environ if base is None else base)
+    def client_env(self, hf_home: str | Path) -> dict:
+        """Environment for a subprocess running the real clients against this server, with the server's token."""
+        env = dict(os.environ)
         for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN_PATH",
                      "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_MODULES_CACHE",
                      "TRANSFORMERS_CACHE", "HF_XET_CACHE", "HF_HUB_ENABLE_HF_TRANSFER"):
@@ -280,10 +268,8 @@ class HubServer:
             "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
             "DO_NOT_TRACK": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            "HF_TOKEN": self.token,
         })
-        env.pop("HF_TOKEN", None)
-        if token:
-            env["HF_TOKEN"] = self.token if token is True else str(token)
         return env
 
     def repo_exists(self, repo_id: str, repo_type: str = "model") -> bool:
@@ -333,9 +319,8 @@ class HubServer:
     def _resolve(self, repo: _Repo, revision: str | None) -> str:
         revision = revision or "main"
         refs = repo.refs()
-        for candidate in (revision, revision.removeprefix("refs/heads/"), revision.removeprefix("refs/tags/")):
-            if candidate in refs:
-                return refs[candidate]
+        if revision in refs:
+            return refs[revision]
         if revision in repo.commits:
             return revision
         if re.fullmatch(r"[0-9a-f]{7,40}", revision):
@@ -550,20 +535,6 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _read_body(self) -> bytes:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks = []
-            while True:
-                line = self.rfile.readline(65537)
-                if not line:
-                    break
-                size = int(line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(3)
-            return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
@@ -600,7 +571,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         self.raw_path = split.path
         self.query = parse_qs(split.query, keep_blank_values=True)
         try:
-            status = self.hub._injected_failure(self.command, self.raw_path)
+            status = self.hub._injected_failure(self.raw_path)
             if status is not None:
                 raise HubError(status, f"Injected failure ({status}) for {self.command} {self.raw_path}")
             self._route()
@@ -653,8 +624,6 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                 return self._whoami()
             if rest == ["repos", "create"] and method == "POST":
                 return self._create_repo()
-            if rest == ["repos", "delete"] and method == "DELETE":
-                return self._delete_repo()
             if rest == ["validate-yaml"] and method == "POST":
                 return self._json(200, {"errors": [], "warnings": []})
             if len(rest) >= 3 and rest[0] in REPO_TYPES:
@@ -682,7 +651,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         index = parts.index(marker)
         head, rest = parts[:index], parts[index + 1:]
         repo_type = "model"
-        if head and head[0] in ("datasets", "spaces") and len(head) >= 2:
+        if head and head[0] == "datasets" and len(head) >= 2:
             repo_type = REPO_TYPES[head[0]]
             head = head[1:]
         repo_id = "/".join(unquote(part) for part in head)
@@ -728,15 +697,6 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             url = hub._repo_url(repo)
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})
 
-    def _delete_repo(self):
-        self._require_token()
-        payload = self._json_body()
-        repo_id = f"{payload.get('organization') or self.hub.user}/{payload.get('name')}"
-        with self.hub.lock:
-            if self.hub.repos.pop((payload.get("type") or "model", repo_id), None) is None:
-                raise HubError(404, f"Repository not found: {repo_id}", "RepoNotFound")
-        self._json(200, {})
-
     # --------------------------------------------------------------------------------------------- repo API
     def _repo_api(self, repo: _Repo, action: str | None, args: list[str]):
         method = self.command
@@ -762,7 +722,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             return self._list_commits(repo, unquote("/".join(args)))
         if action == "refs" and method == "GET":
             return self._refs(repo)
-        if action == "branch" and args and method in ("POST", "DELETE"):
+        if action == "branch" and args and method == "POST":
             return self._branch(repo, unquote("/".join(args)))
         if action == "tag" and args and method == "POST":
             return self._tag(repo, unquote("/".join(args)))
@@ -771,7 +731,6 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
     def _tree(self, repo: _Repo, revision: str, path: str):
         hub = self.hub
         recursive = _is_true(self._param("recursive"))
-        expand = _is_true(self._param("expand"))
         cursor = int(self._param("cursor", "0") or 0)
         path = path.strip("/")
         with hub.lock:
@@ -793,27 +752,17 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                     items.append(("f", file_path))
             items.sort(key=lambda item: item[1])
             page = items[cursor:cursor + hub.page_size]
-            out = []
-            for kind, item_path in page:
-                last = hub._last_commit(repo, sha, item_path) if expand else None
-                out.append(hub._folder_json(tree, item_path, last) if kind == "d"
-                           else hub._file_json(item_path, tree[item_path], last))
+            out = [hub._folder_json(tree, item_path) if kind == "d" else hub._file_json(item_path, tree[item_path])
+                   for kind, item_path in page]
         headers = {}
         if cursor + hub.page_size < len(items):
-            query = f"recursive={str(recursive).lower()}&expand={str(expand).lower()}&cursor={cursor + hub.page_size}"
+            query = f"recursive={str(recursive).lower()}&cursor={cursor + hub.page_size}"
             headers["Link"] = f'<{hub.url}{self.raw_path}?{query}>; rel="next"'
         self._json(200, out, headers)
 
     def _paths_info(self, repo: _Repo, revision: str):
-        content_type = (self.headers.get("Content-Type") or "").lower()
-        if "json" in content_type:
-            payload = self._json_body()
-            paths, expand = payload.get("paths") or [], bool(payload.get("expand"))
-        else:
-            form = parse_qs(self.body.decode(), keep_blank_values=True)
-            paths, expand = form.get("paths", []), _is_true((form.get("expand") or ["false"])[-1])
-        if isinstance(paths, str):
-            paths = [paths]
+        form = parse_qs(self.body.decode(), keep_blank_values=True)
+        paths, expand = form.get("paths", []), _is_true((form.get("expand") or ["false"])[-1])
         hub = self.hub
         out = []
         with hub.lock:
@@ -830,10 +779,8 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         self._json(200, out)
 
     def _writable_branch(self, repo: _Repo, revision: str) -> str:
-        if revision in repo.branches or revision in repo.pull_requests:
+        if revision in repo.branches:
             return revision
-        if revision.startswith("refs/heads/") and revision[11:] in repo.branches:
-            return revision[11:]
         raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
 
     def _preupload(self, repo: _Repo, revision: str):
@@ -842,12 +789,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         hub = self.hub
         out = []
         with hub.lock:
-            if _is_true(self._param("create_pr")):
-                tree = repo.commits[hub._resolve(repo, revision)]["tree"]
-            else:
-                tree = repo.commits[repo.refs()[self._writable_branch(repo, revision)]]["tree"]
-            ignore_patterns = [line.strip() for line in (payload.get("gitIgnore") or "").splitlines()
-                               if line.strip() and not line.startswith("#")]
+            tree = repo.commits[repo.branches[self._writable_branch(repo, revision)]]["tree"]
             for item in payload.get("files", []):
                 path = item["path"]
                 sample = base64.b64decode(item.get("sample") or "")
@@ -856,40 +798,22 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                 oid = None
                 if existing is not None:
                     oid = existing["sha256"] if existing["lfs"] else existing["oid"]
-                ignored = any(hub._matches(path, pattern) for pattern in ignore_patterns)
-                out.append({"path": path, "uploadMode": mode, "shouldIgnore": ignored, "oid": oid})
+                out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         self._json(200, {"files": out, "commitOid": hub.head(repo.repo_id, repo.repo_type)})
 
     def _commit(self, repo: _Repo, revision: str):
         self._require_token()
         hub = self.hub
-        lines = []
-        content_type = (self.headers.get("Content-Type") or "").lower()
         try:
-            if "ndjson" in content_type or b"\n" in self.body.strip():
-                lines = [json.loads(line) for line in self.body.decode().splitlines() if line.strip()]
-            else:  # the older single-JSON form: {"summary", "files": [...], "lfsFiles": [...], "deletedFiles": ...}
-                payload = self._json_body()
-                lines = [{"key": "header", "value": {"summary": payload.get("summary", ""),
-                                                     "description": payload.get("description", ""),
-                                                     "parentCommit": payload.get("parentCommit")}}]
-                for key, kind in (("files", "file"), ("lfsFiles", "lfsFile"), ("deletedFiles", "deletedFile"),
-                                  ("deletedFolders", "deletedFolder")):
-                    lines += [{"key": kind, "value": value} for value in payload.get(key, [])]
+            lines = [json.loads(line) for line in self.body.decode().splitlines() if line.strip()]
         except ValueError as error:
             raise HubError(400, f"Invalid commit payload: {error}")
         header = next((line["value"] for line in lines if line.get("key") == "header"), None)
         if header is None:
             raise HubError(400, "The commit payload has no header line")
-        create_pr = _is_true(self._param("create_pr"))
         with hub.lock:
-            if create_pr:
-                base_sha = hub._resolve(repo, revision)
-                pr_number = len(repo.pull_requests) + 1
-                branch = f"refs/pr/{pr_number}"
-            else:
-                branch = self._writable_branch(repo, revision)
-                base_sha = repo.refs()[branch]
+            branch = self._writable_branch(repo, revision)
+            base_sha = repo.branches[branch]
             parent_commit = header.get("parentCommit")
             if parent_commit and parent_commit != base_sha:
                 raise HubError(412, f"A commit has happened since. Please refresh and try again. "
@@ -901,10 +825,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                     continue
                 path = (value.get("path") or "").strip("/")
                 if key == "file":
-                    if value.get("encoding", "base64") == "base64":
-                        data = base64.b64decode(value.get("content") or "")
-                    else:
-                        data = (value.get("content") or "").encode()
+                    data = base64.b64decode(value.get("content") or "")
                     if b"\0" in data[:512] or len(data) >= hub.lfs_threshold:
                         raise HubError(400, f"{path}: binary or large files must be uploaded through LFS")
                     tree[path] = hub._entry(data, lfs=False)
@@ -923,24 +844,12 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                     if path not in tree:
                         raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
                     del tree[path]
-                elif key == "deletedFolder":
-                    doomed = [p for p in tree if p.startswith(path + "/")] if path else list(tree)
-                    if not doomed:
-                        raise HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
-                    for doomed_path in doomed:
-                        del tree[doomed_path]
                 else:
                     raise HubError(400, f"Unknown commit operation {key!r}")
             sha = hub._new_commit(repo, base_sha, tree, header.get("summary") or "", header.get("description") or "")
-            if create_pr:
-                repo.pull_requests[branch] = sha
-            else:
-                repo.branches[branch] = sha
+            repo.branches[branch] = sha
             url = hub._repo_url(repo)
-        response = {"success": True, "commitOid": sha, "commitUrl": f"{url}/commit/{sha}", "hookOutput": ""}
-        if create_pr:
-            response["pullRequestUrl"] = f"{url}/discussions/{pr_number}"
-        self._json(200, response)
+        self._json(200, {"success": True, "commitOid": sha, "commitUrl": f"{url}/commit/{sha}", "hookOutput": ""})
 
     def _list_commits(self, repo: _Repo, revision: str):
         hub = self.hub
@@ -960,20 +869,12 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                 "tags": [ref("tags", name, sha) for name, sha in sorted(repo.tags.items())],
                 "converts": [],
             }
-            if _is_true(self._param("include_prs")):
-                data["pullRequests"] = [{"name": name.rsplit("/", 1)[-1], "ref": name, "targetCommit": sha}
-                                        for name, sha in sorted(repo.pull_requests.items())]
         self._json(200, data)
 
     def _branch(self, repo: _Repo, branch: str):
         self._require_token()
         hub = self.hub
         with hub.lock:
-            if self.command == "DELETE":
-                if branch not in repo.branches or branch == "main":
-                    raise HubError(404 if branch not in repo.branches else 403, f"Cannot delete branch {branch}")
-                del repo.branches[branch]
-                return self._json(200, {})
             if branch in repo.branches:
                 raise HubError(409, f"Reference already exists: refs/heads/{branch}")
             start = self._json_body().get("startingPoint") or "main"
@@ -996,7 +897,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
     def _lfs_batch(self, head: list[str]):
         self._require_token()
         repo_type = "model"
-        if head and head[0] in ("datasets", "spaces") and len(head) >= 3:
+        if head and head[0] == "datasets" and len(head) >= 3:
             repo_type, head = REPO_TYPES[head[0]], head[1:]
         repo_id = "/".join(unquote(part) for part in head)
         if not repo_id.endswith(".git"):
