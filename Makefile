@@ -55,7 +55,7 @@ train-cpu: install
 # training/$(RELEASE_STAGE), and the card's figures are measured again and regenerated.
 RELEASE_FROM ?= $(TRAIN_SNAPSHOT_DIR)
 RELEASE_STAGE ?= stage11
-EVALUATE = $(BIN)/python evaluate.py --model . --dataset_name $(KVASIR_SEG_DIR)
+EVALUATE = $(BIN)/python evaluate_model.py --model . --dataset_name $(KVASIR_SEG_DIR)
 # The share of validation frames with a polyp that the presence threshold must still judge to hold one.
 PRESENCE_SENSITIVITY ?= 0.98
 

@@ -9,7 +9,7 @@ overlay, the polyp probability as a heat map, each attention gate's coefficients
 each skip connection), the binary mask, the polyp's share of the frame and the frame's polyp score ("No polyp found"
 where the frame is judged polyp-free); the threshold slider and the flip-TTA switch re-run the model. Video tab: a
 video (.mp4, .avi, .mkv, .mov) comes back overlaid, with the per-frame CSV that `predict.py` writes. Everything runs
-through the `polyp_segmentation` package, the code `predict.py` and `evaluate.py` use. A file that cannot be read is
+through the `polyp_segmentation` package, the code `predict.py` and `evaluate_model.py` use. A file that cannot be read is
 named in a message on the page; the app keeps serving.
 """
 

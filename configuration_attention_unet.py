@@ -59,7 +59,7 @@ class AttentionUNetConfig(PretrainedConfig):
             polyp only, and polyp-free images count through the BCE alone.
         threshold (`float`, *optional*, defaults to 0.5):
             Probability above which a pixel is foreground. Must lie in (0, 1). The one source of the threshold: the
-            pipeline, `evaluate.py` and `predict.py` all read it from here.
+            pipeline, `evaluate_model.py` and `predict.py` all read it from here.
         presence_threshold (`float`, *optional*):
             Frame-level decision: a frame whose polyp score (its largest polyp probability) is below this is judged
             polyp-free, and post-processing returns an empty mask for it. Chosen on validation frames with and

@@ -185,7 +185,7 @@ class AttentionUNetImageProcessor(BaseImageProcessor):
             outputs: the model's output, whose `logits` are `(B, 1, h, w)`.
             target_sizes: one `(height, width)` per image, usually its original size. `None` keeps the logits' size.
             threshold: foreground probability cut-off. Pass the model's `config.threshold`, the one place the cut-off
-                is set (the pipeline, `evaluate.py` and `predict.py` all read it there); `None` cuts at the sigmoid's
+                is set (the pipeline, `evaluate_model.py` and `predict.py` all read it there); `None` cuts at the sigmoid's
                 midpoint, 0.5.
             presence_threshold: frames whose polyp score (see `post_process_polyp_scores`) is below it get an empty
                 mask. Pass the model's `config.presence_threshold`; `None` decides pixel by pixel only.

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Writes the model card (README.md) and the generated parts of docs/ from the files that measured them.
 
-    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split validation \
+    python evaluate_model.py --model . --dataset_name ../shared/data/kvasir-seg --split validation \
         --negative_dataset_name ../shared/data/nopolyp --output_json eval/validation.json
-    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
-    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --tta --output_json eval/test_tta.json
+    python evaluate_model.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
+    python evaluate_model.py --model . --dataset_name ../shared/data/kvasir-seg --split test --tta --output_json eval/test_tta.json
     python make_model_card.py --dataset_name ../shared/data/kvasir-seg
 
 The card is `docs/model_card_template.md` filled in through `huggingface_hub.ModelCard`, its metadata (the
 `model-index` included) made by `ModelCardData` and `EvalResult` from `eval/test.json`; its status, results and
-training summary come from `eval/*.json` (written by evaluate.py for the weights at the root; `test_tta.json` is
+training summary come from `eval/*.json` (written by evaluate_model.py for the weights at the root; `test_tta.json` is
 optional) and `training/<stage>/` (the shipped run's `metrics.jsonl` and `invocations.jsonl`). In docs/, it rewrites
 the shipped run's recipe and the training speed (`docs/training.md`, from `benchmarks/train_cpu.json`), the fit-probe
 table (`docs/architecture.md`, from `benchmarks/fit_probe.jsonl`) and the performance table (`docs/performance.md`,
@@ -271,7 +271,7 @@ def plot_test_predictions(dataset_name: str, test: dict, num_examples: int, path
     missing = [image["name"] for image in chosen if image["name"] not in samples]
     if missing:
         raise ValueError(f"{dataset_name}: test frame(s) {', '.join(missing)} of eval/test.json are not in its test "
-                         "split: evaluate.py ran on other data.")
+                         "split: evaluate_model.py ran on other data.")
     model, processor = load_model_and_processor(REPO_ROOT)
     fig, axes = plt.subplots(1, num_examples, figsize=(3 * num_examples, 3.4))
     for axis, image in zip(np.atleast_1d(axes), chosen):
@@ -285,7 +285,7 @@ def plot_test_predictions(dataset_name: str, test: dict, num_examples: int, path
         dice = 2 * (prediction & truth).sum() / max(prediction.sum() + truth.sum(), 1)
         if abs(dice - image["dice"]) > 0.01:
             raise ValueError(f"{image['name']}: Dice {dice:.3f} here but {image['dice']:.3f} in eval/test.json: "
-                             "run evaluate.py again on these weights.")
+                             "run evaluate_model.py again on these weights.")
         axis.imshow(overlay_mask(frame, prediction))
         axis.contour(truth, levels=[0.5], colors="blue", linewidths=1.2)
         rank = ranked.index(image)
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = REPO_ROOT / "model.safetensors"
     for name, result in results.items():
         if result["weights_sha256"] != file_sha256(weights):
-            raise ValueError(f"{eval_dir / name} was measured on other weights than {weights}: run evaluate.py again.")
+            raise ValueError(f"{eval_dir / name} was measured on other weights than {weights}: run evaluate_model.py again.")
     test, test_tta, validation = (results.get(name) for name in names)
     # The shipped weights come from the last run in training/.
     stage = load_stages(Path(args.training_dir))[-1]

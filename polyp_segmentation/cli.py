@@ -23,7 +23,7 @@ def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def add_float32_matmul_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """`--float32_matmul_precision`, as train_accelerate.py, evaluate.py, predict.py and app.py take it."""
+    """`--float32_matmul_precision`, as train_accelerate.py, evaluate_model.py, predict.py and app.py take it."""
     parser.add_argument(
         "--float32_matmul_precision", choices=("highest", "high", "medium"), default=None,
         help="torch.set_float32_matmul_precision for the run (default: PyTorch's, 'highest'). 'high' and 'medium' "

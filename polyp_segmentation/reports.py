@@ -39,7 +39,7 @@ def render_performance(report: dict) -> str:
     mode_notes = {
         "channels_last": "*channels_last*: eager in channels-last memory format",
         "channels_last_medium": "*channels_last_medium*: the same with `torch.set_float32_matmul_precision(\"medium\")`"
-                                " (`--channels_last --float32_matmul_precision medium` of predict.py and evaluate.py;"
+                                " (`--channels_last --float32_matmul_precision medium` of predict.py and evaluate_model.py;"
                                 " on CPUs without AMX the products stay float32, sent to oneDNN instead of MKL)",
         "compile": f"*compile*: `torch.compile` with backend `{settings['compile_backend']}`, static shapes",
         "onnxruntime": "*onnxruntime*: the `export_onnx.py` export (dynamic batch, height and width) on ONNX Runtime's "

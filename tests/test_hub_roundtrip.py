@@ -4,7 +4,7 @@
 2. `train_accelerate.py` trains one short epoch on that Hub copy and pushes to `user/tiny-unet`; the server refuses
    the first repository creation, so the first push fails (a warning, training goes on) and the final push retries;
 3. a fresh process loads the Hub model with `AutoModel` and `pipeline(..., trust_remote_code=True)` and gets what the
-   local `--output_dir` gives; `evaluate.py` runs on the Hub model and the Hub dataset;
+   local `--output_dir` gives; `evaluate_model.py` runs on the Hub model and the Hub dataset;
 4. with the Hub answering 500 to everything, training still ends with exit 0 and a complete local folder.
 
 Every client runs in its own process, so `HF_ENDPOINT` and `HF_HOME` are set before `huggingface_hub` is imported.
@@ -193,7 +193,7 @@ def test_evaluate_runs_on_the_hub_model_and_dataset(hub, hub_training, tmp_path)
     output_dir, _ = hub_training
     output_json = tmp_path / "eval.json"
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", MODEL_ID, "--dataset_name", DATASET_ID,
+        [sys.executable, str(REPO_ROOT / "evaluate_model.py"), "--model", MODEL_ID, "--dataset_name", DATASET_ID,
          "--split", "test", "--resolution", "64", "--output_json", str(output_json), "--trust_remote_code"],
         cwd=REPO_ROOT, env=hub.client_env(tmp_path / "fresh_hf_home"), capture_output=True, text=True, timeout=300,
     )

@@ -1,4 +1,4 @@
-"""The shipped checkpoint: its card's figures are reproduced by evaluate.py, and `make demo` segments the examples."""
+"""The shipped checkpoint: its card's figures are reproduced by evaluate_model.py, and `make demo` segments the examples."""
 
 import hashlib
 import json
@@ -25,10 +25,10 @@ def shipped_weights():
 
 
 def evaluate_like(recorded_name: str, kvasir_root, output_json) -> dict:
-    """Runs evaluate.py on the shipped weights with the settings of the card's `eval/<recorded_name>`."""
+    """Runs evaluate_model.py on the shipped weights with the settings of the card's `eval/<recorded_name>`."""
     recorded = json.loads((REPO_ROOT / "eval" / recorded_name).read_text())
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", str(REPO_ROOT), "--dataset_name", str(kvasir_root),
+        [sys.executable, str(REPO_ROOT / "evaluate_model.py"), "--model", str(REPO_ROOT), "--dataset_name", str(kvasir_root),
          "--split", recorded["split"], "--resolution", str(recorded["resolution"]), "--output_json", str(output_json),
          *(["--tta"] if recorded["tta"] else [])],
         capture_output=True, text=True, cwd=REPO_ROOT,
@@ -49,7 +49,7 @@ def test_medium_matmul_precision_scores_the_shipped_weights_as_the_default_does(
     for precision in ("highest", "medium"):
         output_json = tmp_path / f"{precision}.json"
         completed = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", str(REPO_ROOT), "--dataset_name",
+            [sys.executable, str(REPO_ROOT / "evaluate_model.py"), "--model", str(REPO_ROOT), "--dataset_name",
              str(kvasir_root), "--split", "validation", "--max_eval_samples", "8", "--float32_matmul_precision",
              precision, "--output_json", str(output_json)], capture_output=True, text=True, cwd=REPO_ROOT)
         assert completed.returncode == 0, completed.stderr[-3000:]
@@ -73,11 +73,11 @@ def test_shipped_checkpoint_does_not_regress_below_the_card(fresh_test_evaluatio
 
 
 def assert_recorded_evaluation_matches(recorded_name: str, fresh: dict, weights) -> None:
-    """The card is written from eval/<recorded_name> (see the test below); the figures there must be evaluate.py's
+    """The card is written from eval/<recorded_name> (see the test below); the figures there must be evaluate_model.py's
     for the shipped weights now."""
     recorded = json.loads((REPO_ROOT / "eval" / recorded_name).read_text())
     assert recorded["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest(), (
-        f"eval/{recorded_name} was measured on other weights: rerun evaluate.py and make_model_card.py"
+        f"eval/{recorded_name} was measured on other weights: rerun evaluate_model.py and make_model_card.py"
     )
     assert recorded["split_sha256"] == fresh["split_sha256"]
     for name, value in fresh["metrics"].items():

@@ -1,6 +1,6 @@
 """Polyp-free training data: the polyp-free crops never hold a polyp pixel, the mixture's share and its draws per
 (seed, epoch, index), training with it (false alarms logged, exact mid-epoch resume), the loss on empty masks, and
-evaluate.py's false-alarm figures."""
+evaluate_model.py's false-alarm figures."""
 
 import json
 import shutil
@@ -190,7 +190,7 @@ def test_evaluate_reports_the_false_alarm_rate_on_polyp_free_frames(bias, flags,
     weights["segmentation_head.bias"].fill_(bias)
     save_file(weights, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
     completed = subprocess.run(
-        [sys.executable, "evaluate.py", "--model", str(tmp_path / "model"), "--dataset_name", str(kvasir_root),
+        [sys.executable, "evaluate_model.py", "--model", str(tmp_path / "model"), "--dataset_name", str(kvasir_root),
          "--split", "validation", "--max_eval_samples", "6", "--resolution", "64",
          "--negative_dataset_name", str(small_nopolyp_dir), "--output_json", str(tmp_path / "result.json"), *flags],
         cwd=REPO_ROOT, capture_output=True, text=True)
@@ -222,7 +222,7 @@ def test_presence_threshold_keeps_the_asked_sensitivity_and_gating_empties_the_m
 
 def test_evaluate_chooses_the_presence_threshold_on_validation_and_writes_it(tiny_model_dir, kvasir_root, tmp_path):
     shutil.copytree(tiny_model_dir, tmp_path / "model")
-    command = [sys.executable, "evaluate.py", "--model", str(tmp_path / "model"), "--dataset_name", str(kvasir_root),
+    command = [sys.executable, "evaluate_model.py", "--model", str(tmp_path / "model"), "--dataset_name", str(kvasir_root),
                "--max_eval_samples", "6", "--resolution", "64", "--choose_presence_threshold", "0.5"]
     refused = subprocess.run([*command, "--split", "test"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "validation frames only" in refused.stderr

@@ -16,7 +16,7 @@ EXAMPLE = sorted((REPO_ROOT / "examples").glob("*.jpg"))[0]
 def script_commands(tmp_path):
     out = tmp_path / "out"
     return {
-        "evaluate --model": ["evaluate.py", "--model", HUB_ID, "--dataset_name", str(tmp_path / "unused")],
+        "evaluate --model": ["evaluate_model.py", "--model", HUB_ID, "--dataset_name", str(tmp_path / "unused")],
         "predict --model": ["predict.py", str(EXAMPLE), "--model", HUB_ID, "--output_dir", str(out)],
         "export_onnx --model": ["export_onnx.py", "--model", HUB_ID, "--output", str(out / "model.onnx")],
         "train --init_from": ["train_accelerate.py", "--init_from", HUB_ID, "--output_dir", str(out)],

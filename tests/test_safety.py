@@ -5,7 +5,6 @@ it should and does no I/O at import, damaged weight files fail naming the file a
 import argparse
 import ast
 import contextlib
-import importlib.util
 import json
 import os
 import pickle
@@ -89,11 +88,10 @@ def test_use_safetensors_refuses_a_folder_with_only_a_pickle(pickle_only_model_d
 
 
 def test_evaluate_refuses_a_folder_with_only_a_pickle(pickle_only_model_dir, marker, tmp_path):
-    spec = importlib.util.spec_from_file_location("attention_unet_evaluate", REPO_ROOT / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    import evaluate_model
+
     with pytest.raises((OSError, ValueError), match="model.safetensors"):
-        evaluate.main(["--model", str(pickle_only_model_dir), "--dataset_name", str(tmp_path / "never_read"),
+        evaluate_model.main(["--model", str(pickle_only_model_dir), "--dataset_name", str(tmp_path / "never_read"),
                        "--device", "cpu"])
     assert not marker.exists()
 

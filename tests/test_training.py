@@ -461,7 +461,7 @@ def test_evaluate_reports_both_aggregations_and_provenance(uninterrupted_run, kv
     output_dir, _ = uninterrupted_run
     output_json = tmp_path / "eval.json"
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "evaluate.py"), "--model", str(output_dir), "--dataset_name", str(kvasir_root),
+        [sys.executable, str(REPO_ROOT / "evaluate_model.py"), "--model", str(output_dir), "--dataset_name", str(kvasir_root),
          "--split", "test", "--resolution", "64", "--max_eval_samples", "6", "--tta", "--output_json", str(output_json)],
         capture_output=True, text=True,
     )

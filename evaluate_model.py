@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluates a saved Attention U-Net on a split of Kvasir-SEG (or any folder or Hub copy laid out like it).
 
-    python evaluate.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
+    python evaluate_model.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
 
 Prints the seed card's table (Dice, IoU, F1, precision, recall, accuracy, loss), both as the mean over images (the
 polyp literature's mDice / mIoU) and pooled over all pixels. Images and masks are resized to `--resolution` (default:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         ],
         "frame_sensitivity": sensitivity,
         **({"negatives": negatives} if negatives is not None else {}),
-        "command": " ".join(["python evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python evaluate_model.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
