@@ -3,6 +3,7 @@
 
     python app.py                                   # this repository's weights, on Gradio's default address
     python app.py --model . --server_name 127.0.0.1 --server_port 7860
+    python app.py --model . --openvino openvino/model_int8.xml   # the int8 export (export_openvino.py) on the CPU
 
 Frame tab: upload a colonoscopy frame (or click one of the examples/ frames, with and without a polyp) and see the
 overlay, the polyp probability as a heat map, each attention gate's coefficients (what the gates let through from
@@ -25,10 +26,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry: the 
 
 import gradio as gr  # noqa: E402
 
-from polyp_segmentation.cli import add_float32_matmul_precision_argument, add_model_arguments, check_model_arguments
+from polyp_segmentation.cli import (
+    add_float32_matmul_precision_argument,
+    add_model_arguments,
+    check_model_arguments,
+    check_optional_runtimes,
+)
 from polyp_segmentation.drawing import heat_map, overlay_mask
 from polyp_segmentation.inference import read_rgb, segment_frames
-from polyp_segmentation.loading import load_model_and_processor
+from polyp_segmentation.loading import check_input_convention, load_model_and_processor
+from polyp_segmentation.runtimes import OpenVinoSegmenter, import_openvino
 from polyp_segmentation.video import VIDEO_EXTENSIONS, segment_video
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -44,8 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server_port", type=int, default=None,
                         help="Port (default: Gradio's, 7860 or the next free one).")
     add_float32_matmul_precision_argument(parser)
+    parser.add_argument("--openvino", default=None, metavar="MODEL.xml",
+                        help="Run this OpenVINO export of --model (export_openvino.py, e.g. int8) on the CPU instead "
+                             "of the PyTorch model; needs `pip install openvino`.")
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
+    if args.openvino is not None:
+        check_optional_runtimes(parser, import_openvino)
     return args
 
 
@@ -72,14 +84,16 @@ def problem(message: str) -> str:
     return f'<div class="upload-problem">⚠️ {message}</div>'
 
 
-def build_demo(model, processor, device: str = "cpu") -> gr.Blocks:
-    """The two-tab app around `model` and its `processor`."""
+def build_demo(model, processor, device: str = "cpu", segmenter=None) -> gr.Blocks:
+    """The two-tab app around `model` and its `processor`; `segmenter` (an export of `model`, run on the CPU) runs
+    the frames in its place when given."""
     default_threshold = float(model.config.threshold)
     presence_threshold = getattr(model.config, "presence_threshold", None)  # None in configs saved before it
+    runs_on = device if segmenter is None else f"the CPU, {segmenter.metadata.get('precision', 'exported')} OpenVINO"
 
     def segment(frames, threshold, tta, attention_maps=False):
-        return segment_frames(model, processor, frames, threshold, tta, attention_maps, device,
-                              presence_threshold=presence_threshold)
+        return segment_frames(segmenter or model, processor, frames, threshold, tta, attention_maps,
+                              device if segmenter is None else None, presence_threshold=presence_threshold)
 
     def on_frame(path, threshold, tta):
         if not path:
@@ -115,7 +129,7 @@ def build_demo(model, processor, device: str = "cpu") -> gr.Blocks:
             return None, None, problem(f"Cannot read {Path(path).name} as a video: {error}")
         text = (f"**{summary.frames} frames** ({summary.width}x{summary.height} at {summary.frames_per_second:g} "
                 f"frames/s), {summary.segmented_frames} segmented in {summary.seconds:.1f} s "
-                f"({summary.frames / summary.seconds:.2f} frames/s on {device}).")
+                f"({summary.frames / summary.seconds:.2f} frames/s on {runs_on}).")
         return str(summary.output_video), str(summary.output_csv), text
 
     with gr.Blocks(title="Attention U-Net polyp segmentation") as demo:
@@ -168,7 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.float32_matmul_precision:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model, processor = load_model_and_processor(args.model, args.revision, args.trust_remote_code, args.device)
-    demo = build_demo(model, processor, args.device)
+    segmenter = None
+    if args.openvino is not None:
+        segmenter = OpenVinoSegmenter(args.openvino)
+        check_input_convention(segmenter, processor, f"--openvino {args.openvino} with the processor of {args.model}")
+    demo = build_demo(model, processor, args.device, segmenter)
     demo.queue().launch(server_name=args.server_name, server_port=args.server_port, show_error=True)
 
 

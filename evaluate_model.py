@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
-from polyp_segmentation.cli import add_float32_matmul_precision_argument, add_model_arguments, check_model_arguments
+from polyp_segmentation.cli import (
+    add_float32_matmul_precision_argument,
+    add_model_arguments,
+    check_model_arguments,
+    check_optional_runtimes,
+    write_output_json,
+)
 from polyp_segmentation.data import (
     DEFAULT_DATASET,
     DataError,
@@ -32,7 +38,7 @@ from polyp_segmentation.data import (
     processor_normalization,
 )
 from polyp_segmentation.inference import is_polyp_present, predict_logits
-from polyp_segmentation.loading import file_sha256, load_model_and_processor
+from polyp_segmentation.loading import check_input_convention, file_sha256, load_model_and_processor
 from polyp_segmentation.metrics import (
     METRIC_NAMES,
     confusion_counts,
@@ -44,6 +50,7 @@ from polyp_segmentation.metrics import (
     roc_auc,
     summarize,
 )
+from polyp_segmentation.runtimes import OpenVinoSegmenter, import_openvino
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,9 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "judges MIN_SENSITIVITY of its frames with a polyp to hold one (e.g. 0.98), write it to "
                              "the --model folder's config.json, and report the figures with it.")
     parser.add_argument("--negative_split", default="validation", choices=["train", "validation"])
+    parser.add_argument("--openvino", default=None, metavar="MODEL.xml",
+                        help="Score this OpenVINO export of --model (export_openvino.py, e.g. int8) instead of the "
+                             "PyTorch model; the loss is --model's loss on its logits. Needs `pip install openvino`.")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
+    if args.openvino is not None:
+        check_optional_runtimes(parser, import_openvino)
+    if args.openvino is not None and args.choose_presence_threshold is not None:
+        parser.error("--choose_presence_threshold chooses the PyTorch model's threshold: leave out --openvino")
     if args.choose_presence_threshold is not None:
         if args.split != "validation" or (args.negative_dataset_name and args.negative_split != "validation"):
             parser.error("--choose_presence_threshold chooses on validation frames only: pass --split validation "
@@ -96,16 +110,16 @@ def weights_provenance(model_id: str, revision: str | None) -> dict:
     return {"weights_sha256": file_sha256(path), "revision": revision}
 
 
-def score_dataset(model, dataset: PolypSegmentationDataset, args: argparse.Namespace, threshold: float,
+def score_dataset(model, segmenter, dataset: PolypSegmentationDataset, args: argparse.Namespace, threshold: float,
                   description: str) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Per-image confusion counts `(N, 4)` at `threshold`, the mean loss and each image's polyp score (its largest
-    probability) `(N,)`."""
+    probability) `(N,)`, of `segmenter`'s logits (the model, or an export called like it) with `model`'s loss."""
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size)
     counts, loss_sum, scores = [], 0.0, []
     with torch.inference_mode():
         for batch in tqdm(dataloader, desc=f"{description} ({len(dataset)} images)"):
             pixel_values, labels = batch["pixel_values"].to(args.device), batch["labels"].to(args.device)[:, None]
-            logits = predict_logits(model, pixel_values, args.tta)
+            logits = predict_logits(segmenter, pixel_values, args.tta)
             probabilities = logits.float().sigmoid()
             counts.append(confusion_counts(probabilities > threshold, labels).cpu())
             scores.append(probabilities.flatten(1).amax(dim=1).cpu())
@@ -113,8 +127,10 @@ def score_dataset(model, dataset: PolypSegmentationDataset, args: argparse.Names
     return torch.cat(counts), loss_sum / len(dataset), torch.cat(scores)
 
 
-def score_negatives(model, args: argparse.Namespace, threshold: float, normalization, images: list[torch.Tensor],
-                    masks: list[torch.Tensor]) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
+def score_negatives(
+    model, segmenter, args: argparse.Namespace, threshold: float, normalization, images: list[torch.Tensor],
+    masks: list[torch.Tensor],
+) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
     """Counts and polyp scores of the polyp-free frames of `--negative_dataset_name` (key `negatives`) and of
     polyp-free crops of the evaluated frames (`own_crops`), each with a description of its source."""
     samples = load_negative_splits(args.negative_dataset_name)[args.negative_split]
@@ -128,7 +144,7 @@ def score_negatives(model, args: argparse.Namespace, threshold: float, normaliza
     for key, (source, frames) in sources.items():
         empty = [torch.zeros(frame.shape[-2:], dtype=torch.bool) for frame in frames]
         dataset = PolypSegmentationDataset([str(i) for i in range(len(frames))], frames, empty, *normalization)
-        counts, _, scores = score_dataset(model, dataset, args, threshold, source)
+        counts, _, scores = score_dataset(model, segmenter, dataset, args, threshold, source)
         scored[key] = (source, counts, scores)
     return scored
 
@@ -161,6 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.float32_matmul_precision:
         torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model, processor = load_model_and_processor(args.model, args.revision, args.trust_remote_code, args.device)
+    segmenter = model
+    if args.openvino is not None:
+        segmenter = OpenVinoSegmenter(args.openvino)
+        check_input_convention(segmenter, processor, f"--openvino {args.openvino} with the processor of {args.model}")
     threshold = model.config.threshold
     args.resolution = args.resolution or processor.size["height"]
 
@@ -171,9 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise DataError(f"{len(problems)} unusable sample(s) in the {args.split} split:\n  " + "\n  ".join(problems))
     normalization = processor_normalization(processor)
     dataset = PolypSegmentationDataset(names, images, masks, *normalization)
-    raw_counts, loss, scores = score_dataset(model, dataset, args, threshold, args.split)
-    negatives = score_negatives(model, args, threshold, normalization, images, masks) if args.negative_dataset_name \
-        else None
+    raw_counts, loss, scores = score_dataset(model, segmenter, dataset, args, threshold, args.split)
+    negatives = None
+    if args.negative_dataset_name:
+        negatives = score_negatives(model, segmenter, args, threshold, normalization, images, masks)
     presence_threshold = getattr(model.config, "presence_threshold", None) if args.presence_threshold is None \
         else args.presence_threshold
     if args.choose_presence_threshold is not None:
@@ -186,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(counts)
     per_image = metrics_from_counts(counts)
 
-    print(f"\n{args.model} on the {args.split} split of {args.dataset_name} ({len(dataset)} images, "
+    print(f"\n{args.openvino or args.model} on the {args.split} split of {args.dataset_name} ({len(dataset)} images, "
           f"{args.resolution}x{args.resolution}{', flip TTA' if args.tta else ''}):\n")
     print(format_table(summary, loss))
     sensitivity = sum(is_polyp_present(score, threshold, presence_threshold) for score in scores.tolist()) / len(scores)
@@ -204,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "model": args.model,
         **weights_provenance(args.model, args.revision),
+        **({"openvino": args.openvino, "openvino_precision": segmenter.metadata.get("precision"),
+            "openvino_sha256": file_sha256(Path(args.openvino).with_suffix(".bin"))} if args.openvino else {}),
         "dataset_name": args.dataset_name,
         "split": args.split,
         "split_sha256": hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest(),
@@ -223,10 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         **({"negatives": negatives} if negatives is not None else {}),
         "command": " ".join(["python evaluate_model.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nWrote {args.output_json}")
+    write_output_json(args.output_json, result)
     return result
 
 

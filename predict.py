@@ -7,6 +7,7 @@ overlaid video and a per-frame CSV.
     python predict.py frames/ --model . --output_dir predictions --tta --attention_maps
     python predict.py colonoscopy.mp4 --model . --output_dir predictions --every 2
     python predict.py frames/ --onnx model.onnx --output_dir predictions
+    python predict.py colonoscopy.mp4 --openvino openvino/model_int8.xml --output_dir predictions
 
 For an input `frame.jpg` the outputs are `frame_mask.png` (0 background, 255 polyp), `frame_overlay.png` (the mask's
 outline and a translucent fill over the frame) and, with `--attention_maps`, `frame_attention_<i>.png` per gate,
@@ -24,7 +25,6 @@ exit status is then 1.
 import argparse
 import csv
 import glob
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,57 +34,72 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
-from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from polyp_segmentation.cli import add_float32_matmul_precision_argument, add_model_arguments, check_model_arguments
+from polyp_segmentation.cli import (
+    add_float32_matmul_precision_argument,
+    add_model_arguments,
+    check_model_arguments,
+    check_optional_runtimes,
+)
 from polyp_segmentation.drawing import heat_map, overlay_mask
 from polyp_segmentation.inference import read_rgb, segment_frames
 from polyp_segmentation.loading import check_input_convention, load_model, load_processor
+from polyp_segmentation.runtimes import OnnxSegmenter, OpenVinoSegmenter, import_openvino
 from polyp_segmentation.video import VIDEO_EXTENSIONS, segment_video
 
 REPO_ROOT = Path(__file__).resolve().parent
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 IMAGE_CSV_NAME = "predictions.csv"
 IMAGE_CSV_FIELDS = ("name", "polyp_present", "polyp_score", "polyp_area_fraction")
+RUNTIME_NAMES = {OnnxSegmenter: ", ONNX Runtime", OpenVinoSegmenter: ", OpenVINO"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Image files, folders or glob patterns.")
-    add_model_arguments(parser, help="A saved model folder or a Hub model id. With --onnx, only its image processor is "
-                                     "used (default then: this repository's).")
+    add_model_arguments(parser, help="A saved model folder or a Hub model id. With --onnx or --openvino, only its "
+                                     "image processor is used (default then: this repository's).")
     parser.add_argument("--output_dir", required=True, help="Folder for the masks, overlays and attention maps.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per forward pass (default: %(default)s).")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="Foreground probability cut-off (default: the model's `config.threshold`; with --onnx, "
-                             "the one export_onnx.py stored in the file).")
+                        help="Foreground probability cut-off (default: the model's `config.threshold`; with --onnx or "
+                             "--openvino, the one stored in the file).")
     parser.add_argument("--presence_threshold", type=float, default=None,
                         help="Polyp score below which a frame is judged polyp-free (default: the model's "
-                             "`config.presence_threshold`; with --onnx, the one stored in the file).")
+                             "`config.presence_threshold`; with --onnx or --openvino, the one stored in the file).")
     parser.add_argument("--tta", action="store_true", help="Average the logits of the image and its flips.")
     parser.add_argument("--every", type=int, default=1, metavar="N",
                         help="In videos, segment every N-th frame (default: every frame).")
     parser.add_argument("--attention_maps", action="store_true",
                         help="Also write each attention gate's coefficient map as a heat map.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="Device of the PyTorch model (default: %(default)s; --onnx always runs on the CPU).")
+                        help="Device of the PyTorch model (default: %(default)s; --onnx and --openvino run on the "
+                             "CPU).")
     parser.add_argument("--channels_last", action="store_true",
                         help="Run the PyTorch model in channels-last memory format (whether that is faster on a CPU: "
                              "see benchmarks/bench_cpu.py).")
     add_float32_matmul_precision_argument(parser)
-    parser.add_argument("--onnx", default=None, metavar="MODEL.onnx",
-                        help="Run this export (see export_onnx.py) with ONNX Runtime on CPU instead of PyTorch.")
+    exported = parser.add_mutually_exclusive_group()
+    exported.add_argument("--onnx", default=None, metavar="MODEL.onnx",
+                          help="Run this export (see export_onnx.py) with ONNX Runtime on the CPU instead of PyTorch.")
+    exported.add_argument("--openvino", default=None, metavar="MODEL.xml",
+                          help="Run this OpenVINO model (see export_openvino.py: int8, the fastest on CPUs with "
+                               "VNNI) on the CPU instead of PyTorch; needs `pip install openvino`.")
     args = parser.parse_args(argv)
-    if args.model is None and args.onnx is None:
-        parser.error("give --model, or --onnx (with --model for a processor other than this repository's)")
+    args.exported = args.onnx or args.openvino
+    if args.model is None and args.exported is None:
+        parser.error("give --model, or --onnx / --openvino (with --model for a processor other than this "
+                     "repository's)")
     if args.batch_size < 1 or args.every < 1:
         parser.error("--batch_size and --every must be at least 1")
     for flag in ("threshold", "presence_threshold"):
         if getattr(args, flag) is not None and not 0.0 < getattr(args, flag) < 1.0:
             parser.error(f"--{flag} must lie in (0, 1)")
-    if args.onnx is not None and args.channels_last:
-        parser.error("--channels_last applies to the PyTorch model, not to --onnx")
+    if args.exported is not None and args.channels_last:
+        parser.error("--channels_last applies to the PyTorch model, not to --onnx or --openvino")
     check_model_arguments(parser, args)
+    if args.openvino is not None:
+        check_optional_runtimes(parser, import_openvino)
     return args
 
 
@@ -119,50 +134,15 @@ def output_stems(paths: list[Path]) -> list[str]:
     return stems
 
 
-class OnnxSegmenter:
-    """An ONNX Runtime session called like the PyTorch model: `(pixel_values=..., output_attentions=...)` ->
-    `SemanticSegmenterOutput`, so that `predict_logits` (flip TTA) works on it unchanged."""
-
-    def __init__(self, path: str):
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        self.output_names = [output.name for output in self.session.get_outputs()]
-        self.metadata = self.session.get_modelmeta().custom_metadata_map
-        if "logits" not in self.output_names:
-            raise ValueError(f"{path} has no `logits` output; export it with export_onnx.py.")
-
-    @property
-    def image_mean(self) -> list[float] | None:
-        """The statistics the graph normalises with; `None` for exports that take normalised input (older ones)."""
-        return json.loads(self.metadata["image_mean"]) if "image_mean" in self.metadata else None
-
-    @property
-    def threshold(self) -> float | None:
-        return float(self.metadata["threshold"]) if "threshold" in self.metadata else None
-
-    @property
-    def presence_threshold(self) -> float | None:
-        return float(self.metadata["presence_threshold"]) if "presence_threshold" in self.metadata else None
-
-    def __call__(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> SemanticSegmenterOutput:
-        names = self.output_names if output_attentions else ["logits"]
-        outputs = dict(zip(names, self.session.run(names, {"pixel_values": pixel_values.cpu().numpy()})))
-        attentions = None
-        if output_attentions:
-            attentions = tuple(torch.from_numpy(outputs[name]) for name in self.output_names if name != "logits")
-            if not attentions:
-                raise ValueError("This ONNX export has no attention map outputs; re-export it with export_onnx.py.")
-        return SemanticSegmenterOutput(logits=torch.from_numpy(outputs["logits"]), attentions=attentions)
-
-
 def load_segmenter(args: argparse.Namespace):
-    """The model (PyTorch or ONNX Runtime), its image processor and its default threshold and presence threshold."""
+    """The model (PyTorch, or an export run by ONNX Runtime or OpenVINO), its image processor and its default
+    threshold and presence threshold."""
     source = args.model or REPO_ROOT
     processor = load_processor(source, args.revision, args.trust_remote_code)
-    if args.onnx is not None:
-        segmenter = OnnxSegmenter(args.onnx)
-        check_input_convention(segmenter, processor, f"--onnx {args.onnx} with the processor of {source}")
+    if args.exported is not None:
+        flag = "--onnx" if args.onnx else "--openvino"
+        segmenter = OnnxSegmenter(args.onnx) if args.onnx else OpenVinoSegmenter(args.openvino)
+        check_input_convention(segmenter, processor, f"{flag} {args.exported} with the processor of {source}")
         if segmenter.threshold is not None:
             return segmenter, processor, segmenter.threshold, segmenter.presence_threshold
         config = AutoConfig.from_pretrained(source, revision=args.revision, trust_remote_code=True)
@@ -255,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def segment(frames):
         return segment_frames(segmenter, processor, frames, threshold, args.tta, args.attention_maps,
-                              None if args.onnx else args.device, args.channels_last, presence_threshold)
+                              None if args.exported else args.device, args.channels_last, presence_threshold)
 
     stems = dict(zip(paths, output_stems(paths)))
     videos = [path for path in paths if path.suffix.lower() in VIDEO_EXTENSIONS]
@@ -266,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [*missing, *failed_images, *failed_videos]
 
     print(f"Wrote the predictions for {written_images} image(s) and {written_videos} video(s) to {output_dir}"
-          f" (threshold {threshold:g}{', flip TTA' if args.tta else ''}{', ONNX Runtime' if args.onnx else ''}).")
+          f" (threshold {threshold:g}{', flip TTA' if args.tta else ''}{RUNTIME_NAMES.get(type(segmenter), '')}).")
     if failed:
         print(f"{len(failed)} input(s) failed, see above.", file=sys.stderr)
     return 1 if failed else 0

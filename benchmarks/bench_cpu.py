@@ -25,7 +25,6 @@ Markdown table and writes everything to `--output_json`; `make_model_card.py` re
 
 import argparse
 import copy
-import json
 import os
 import platform
 import re
@@ -41,18 +40,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from polyp_segmentation.cli import write_output_json
+from polyp_segmentation.inference import segment_frames
 from polyp_segmentation.loading import check_remote_code_arguments, load_model
 from polyp_segmentation.onnx_export import DYNAMIC_AXES, export_model, export_to_onnx
+from polyp_segmentation.quantization import FLOAT32_LAYERS, openvino_float32, quantize_onnx
 from polyp_segmentation.reports import render_performance
+from polyp_segmentation.runtimes import OpenVinoSegmenter
 from polyp_segmentation.testing import REPO_ROOT, TINY_OVERRIDES
+from polyp_segmentation.video import segment_video
 
-VARIANTS = ("eager", "channels_last", "channels_last_medium", "compile", "onnxruntime")
+VARIANTS = ("eager", "channels_last", "channels_last_medium", "compile", "onnxruntime", "openvino", "openvino_int8")
+INT8_VARIANTS = ("openvino_int8",)
 # This model's training step in the forms `train_accelerate.py` offers (and the `--skip` names that leave each out);
 # the peers train eagerly only.
 TRAINING_VARIANTS = {"eager": (), "channels_last": ("channels_last",),
                      "channels_last_compile": ("channels_last", "compile")}
 PEERS = ("smp", "monai")
-SKIPPABLE = (*PEERS, "channels_last", "channels_last_medium", "compile", "onnxruntime", "training")
+EXAMPLES = REPO_ROOT / "examples"
+VIDEO_RATE = 25
+SKIPPABLE = (*PEERS, "channels_last", "channels_last_medium", "compile", "onnxruntime", "openvino", "openvino_int8",
+             "training", "video")
 OURS = "Attention U-Net (ours)"
 PEER_NAMES = {"smp": "smp Unet", "monai": "MONAI AttentionUnet"}
 # FMA units per core are not in /proc/cpuinfo; two is right for Intel cores since Haswell (most AVX-512 server parts)
@@ -79,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Peers or variants to leave out (missing peers are skipped anyway).")
     parser.add_argument("--compile_backend", default="inductor",
                         help="torch.compile backend (default: %(default)s; 'eager' only checks that it traces).")
+    parser.add_argument("--video_frames", type=int, default=100,
+                        help="Frames of the clip whose end-to-end video figures are measured (default: %(default)s).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
@@ -114,6 +124,10 @@ def cpu_info() -> dict:
         isa, lanes, fma = "SSE", 4, 1
     units = FMA_UNITS_PER_CORE if fma == 2 else 1
     flops_per_cycle = lanes * fma * units
+    # int8: a VNNI dot product (vpdpbusd) does 4 multiply-adds per 32-bit lane where an FMA does one; without VNNI
+    # the same takes two instructions (vpmaddubsw + vpmaddwd). AMX tiles are not counted (they would raise it ~8x).
+    vnni = "avx512_vnni" if "avx512_vnni" in flags else "avx_vnni" if "avx_vnni" in flags else None
+    int8_per_fp32 = 4 if vnni else 2
     return {
         "model_name": field("model name")[0] if field("model name") else platform.processor(),
         "logical_cpus": os.cpu_count(),
@@ -125,11 +139,16 @@ def cpu_info() -> dict:
         "derivation": (f"{lanes} fp32 lanes ({isa}) x {fma} FLOP per {'FMA' if fma == 2 else 'op'} x {units} "
                        f"{'FMA ' if fma == 2 else ''}unit(s) per core = {flops_per_cycle} FLOP/cycle/core"
                        + (" (2 FMA units per core is assumed: not in /proc/cpuinfo)" if fma == 2 else "")),
+        "int8_ops_per_cycle_per_core": flops_per_cycle * int8_per_fp32,
+        "int8_derivation": (f"{int8_per_fp32} x the fp32 FLOP/cycle: "
+                            + (f"{vnni} dot products do 4 int8 multiply-adds per 32-bit lane" if vnni else
+                               "no VNNI: int8 dot products take two instructions (vpmaddubsw + vpmaddwd)")
+                            + ("; AMX present but not counted" if "amx_int8" in flags else "")),
     }
 
 
-def peak_gflops(cpu: dict, cores: int) -> float | None:
-    return None if cpu["ghz"] is None else cores * cpu["ghz"] * cpu["fp32_flops_per_cycle_per_core"]
+def peak_gflops(cpu: dict, cores: int, per_cycle: str = "fp32_flops_per_cycle_per_core") -> float | None:
+    return None if cpu["ghz"] is None else cores * cpu["ghz"] * cpu[per_cycle]
 
 
 # ------------------------------------------------------------------------------------------------------------ models
@@ -221,7 +240,8 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def make_runner(variant: str, module: nn.Module, args, export: Callable[[str], object], workdir: Path):
+def make_runner(variant: str, module: nn.Module, args, export: Callable[[str], object], workdir: Path,
+                inputs: torch.Tensor, float32_layers: tuple[str, ...] = ()):
     """A `pixel_values -> logits` callable for one variant (its set-up time excluded from the figures)."""
     if variant == "eager":
         return lambda x: module(x)
@@ -254,7 +274,58 @@ def make_runner(variant: str, module: nn.Module, args, export: Callable[[str], o
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda x: session.run(["logits"], {"pixel_values": x.numpy()})[0]
+    if variant in ("openvino", "openvino_int8"):
+        return openvino_runner(variant, args, export, workdir, inputs, float32_layers)
     raise ValueError(variant)
+
+
+def openvino_runner(variant: str, args, export: Callable[[str], object], workdir: Path, inputs: torch.Tensor,
+                    float32_layers: tuple[str, ...]):
+    """The ONNX export run by OpenVINO (export_openvino.py's model), in float32 or quantized to int8 by NNCF with the
+    benchmark's own inputs as calibration (speed does not depend on what calibrates; the int8 model's accuracy is
+    evaluate_model.py's to measure)."""
+    import openvino
+
+    export(str(workdir / "model.onnx"))
+    if variant == "openvino_int8":
+        calibration = [frame[None].numpy() for frame in inputs]
+        model = quantize_onnx(workdir / "model.onnx", calibration, {"precision": "int8"}, float32_layers)
+    else:
+        model = openvino_float32(workdir / "model.onnx", {"precision": "float32"})
+    openvino.save_model(model, str(workdir / "model.xml"), compress_to_fp16=False)
+    segmenter = OpenVinoSegmenter(workdir / "model.xml", config={"INFERENCE_NUM_THREADS": args.threads})
+
+    def run(x):
+        return segmenter(pixel_values=x).logits
+
+    run.segmenter = segmenter  # for the video figures
+    return run
+
+
+def video_frames_per_second(segmenter, args, workdir: Path) -> dict:
+    """predict.py's video path end to end (decode, segment, draw, encode H.264) on a clip of the examples/ frames at
+    `--resolution`, with `segmenter` (the PyTorch model or an export called like it)."""
+    import av
+    import PIL.Image
+    from transformers import AutoImageProcessor
+
+    clip = workdir / "clip.mp4"
+    if not clip.exists():
+        side = args.resolution + args.resolution % 2
+        frames = [PIL.Image.open(path).convert("RGB").resize((side, side)) for path in sorted(EXAMPLES.glob("*.jpg"))]
+        with av.open(str(clip), "w") as container:
+            stream = container.add_stream("libx264", rate=VIDEO_RATE)
+            stream.width = stream.height = side
+            stream.pix_fmt = "yuv420p"
+            for index in range(args.video_frames):
+                frame = av.VideoFrame.from_image(frames[index % len(frames)])
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+    processor = AutoImageProcessor.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    summary = segment_video(lambda frames: segment_frames(segmenter, processor, frames, 0.5), clip,
+                            workdir / "overlay.mp4", workdir / "frames.csv", batch_size=args.batch_size)
+    return {"frames": summary.frames, "seconds": summary.seconds, "frames_per_second": summary.frames / summary.seconds,
+            "size": f"{summary.width}x{summary.height}"}
 
 
 def benchmark_model(name: str, model: nn.Module, loss_fn, args, inputs, labels, export, ours: bool) -> dict:
@@ -265,6 +336,7 @@ def benchmark_model(name: str, model: nn.Module, loss_fn, args, inputs, labels, 
     result = {"model": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "variants": {}}
     with torch.inference_mode():
         result["flops_per_image"] = count_flops(lambda: module(single))
+    video_segmenters = {"eager": model} if ours and "video" not in args.skip else {}
     for variant in VARIANTS:
         if variant in args.skip:
             continue
@@ -273,7 +345,8 @@ def benchmark_model(name: str, model: nn.Module, loss_fn, args, inputs, labels, 
         try:
             with tempfile.TemporaryDirectory() as workdir:
                 start = time.perf_counter()
-                run = make_runner(variant, module, args, export, Path(workdir))  # exports outside inference mode
+                # exports outside inference mode
+                run = make_runner(variant, module, args, export, Path(workdir), inputs, FLOAT32_LAYERS if ours else ())
                 figures["setup_seconds"] = time.perf_counter() - start
                 # torch.compile compiles on the first call of each shape: never inside the timed runs.
                 warmup = max(args.warmup, 1) if variant == "compile" else args.warmup
@@ -283,10 +356,17 @@ def benchmark_model(name: str, model: nn.Module, loss_fn, args, inputs, labels, 
             figures.update(latency_ms=latency * 1e3, latency_runs_ms=[t * 1e3 for t in latency_runs],
                            throughput=args.batch_size / step, batch_runs_ms=[t * 1e3 for t in step_runs],
                            warmup_seconds=warm + warm_batch)
+            if video_segmenters and hasattr(run, "segmenter"):
+                video_segmenters[variant] = run.segmenter
         except Exception as error:  # noqa: BLE001 - one variant failing must not lose the others
             traceback.print_exc()
             figures = {"error": f"{type(error).__name__}: {error}"[:2000]}
         result["variants"][variant] = figures
+    if video_segmenters:
+        print("  video (decode, segment, draw, encode)...", flush=True)
+        with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
+            result["video"] = {variant: video_frames_per_second(segmenter, args, Path(workdir))
+                               for variant, segmenter in video_segmenters.items()}
 
     if "training" not in args.skip:
         # Backward taken as twice the forward: FlopCounterMode (torch 2.14) counts the backward of a grouped
@@ -339,13 +419,14 @@ def train_throughput(variant: str, model: nn.Module, loss_fn, args, batch: torch
 # ----------------------------------------------------------------------------------------------------------- reports
 
 
-def add_ratios(results: list[dict], peak: float | None) -> None:
-    """Ratios to this model's eager (and training) figures, and the GFLOP/s achieved."""
+def add_ratios(results: list[dict], peak: float | None, int8_peak: float | None = None) -> None:
+    """Ratios to this model's eager (and training) figures, and the GFLOP/s achieved (against the int8 peak for the
+    int8 variants: the same operations, done as int8 multiply-adds)."""
     ours = results[0]
     base = ours["variants"].get("eager", {})
     base_train = ours.get("training", {}).get("throughput")
     for result in results:
-        for figures in result["variants"].values():
+        for variant, figures in result["variants"].items():
             if "error" in figures:
                 continue
             if base.get("latency_ms"):
@@ -353,7 +434,9 @@ def add_ratios(results: list[dict], peak: float | None) -> None:
             if base.get("throughput"):
                 figures["throughput_vs_ours_eager"] = figures["throughput"] / base["throughput"]
             figures["gflops_per_second"] = result["flops_per_image"] * figures["throughput"] / 1e9
-            if peak:
+            if peak and variant in INT8_VARIANTS and int8_peak:
+                figures["fraction_of_int8_peak"] = figures["gflops_per_second"] / int8_peak
+            elif peak:
                 figures["fraction_of_peak"] = figures["gflops_per_second"] / peak
         for training in (result.get("training", {}), *result.get("training_variants", {}).values()):
             if "throughput" not in training:
@@ -384,6 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cpu = cpu_info()
     cpu["peak_gflops"] = peak_gflops(cpu, min(args.threads, cpu["available_cpus"]))
+    cpu["int8_peak_gops"] = peak_gflops(cpu, min(args.threads, cpu["available_cpus"]), "int8_ops_per_cycle_per_core")
     notes = []
     load = os.getloadavg()[0]
     if load > 0.5:
@@ -419,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = benchmark_model(name, model.float().eval(), loss_fn, args, inputs, labels, export, ours)
         result["description"] = description
         results.append(result)
-    add_ratios(results, cpu["peak_gflops"])
+    add_ratios(results, cpu["peak_gflops"], cpu["int8_peak_gops"])
     print("Eager batch-1 latency, models interleaved...", flush=True)
     interleaved = interleaved_latency_ms(
         {name: (LogitsOnly(model) if ours else model).eval() for name, _, model, ours, _ in models},
@@ -440,10 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
         "interleaved_eager_latency_ms": interleaved,
     }
     print("\n" + render_performance(report))
-    if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nWrote {args.output_json}")
+    write_output_json(args.output_json, report)
     return report
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from polyp_segmentation.cli import write_output_json
 from polyp_segmentation.data import PolypSegmentationDataset, decode_samples, load_local_splits, training_augmentation
 from polyp_segmentation.loading import check_remote_code_arguments
 from polyp_segmentation.testing import REPO_ROOT, TINY_OVERRIDES
@@ -286,8 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"float32 product {'x'.join(map(str, product['shape']))}, matmul precision "
               f"{product['float32_matmul_precision']}: {product['gflop_per_second']:.0f} GFLOP/s, relative error "
               f"{product['relative_error']:.1e}")
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+    write_output_json(args.output_json, result)
     print(json.dumps(result))
     return result
 

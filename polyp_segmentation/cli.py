@@ -1,8 +1,11 @@
 """Command-line arguments the scripts share."""
 
 import argparse
+import json
+from pathlib import Path
 
 from polyp_segmentation.loading import check_remote_code_arguments
+from polyp_segmentation.runtimes import MissingRuntimeError
 
 MODEL_HELP = "A saved model folder or a Hub model id."
 
@@ -30,3 +33,22 @@ def add_float32_matmul_precision_argument(parser: argparse.ArgumentParser) -> No
              "allow TF32 / bf16 inside float32 matrix products where the hardware has them; 'medium' also sends a "
              "CPU's float32 matrix products through oneDNN, 2.3x faster than MKL on AVX-512 AMD CPUs and still "
              "float32 there (docs/training.md: Training speed on a CPU).")
+
+
+def write_output_json(path: str | Path | None, result: dict) -> None:
+    """A script's `--output_json`: `result` as indented JSON (folders made as needed); nothing when `path` is None."""
+    if path is None:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nWrote {path}")
+
+
+def check_optional_runtimes(parser: argparse.ArgumentParser, *importers) -> None:
+    """`parser.error` naming the package to install (exit status 2, before any model is loaded) for the first of
+    `importers` (e.g. `runtimes.import_openvino`) whose runtime is not installed."""
+    for importer in importers:
+        try:
+            importer()
+        except MissingRuntimeError as error:
+            parser.error(str(error))

@@ -74,13 +74,10 @@ def onnx_input_metadata(config) -> dict[str, str]:
             "image_mean": json.dumps(config.image_mean), "image_std": json.dumps(config.image_std)}
 
 
-def export_model(model, output: str | os.PathLike, opset: int = DEFAULT_OPSET, source: str | None = None) -> Path:
-    """Exports an `AttentionUNetForSemanticSegmentation` (logits and gate maps, dynamic batch, height and width)."""
-    model = model.eval().float().cpu()
-    example = torch.rand(*EXAMPLE_SHAPE[:1], model.config.num_channels, *EXAMPLE_SHAPE[2:])
-    with torch.no_grad():
-        num_gates = len(model(pixel_values=example[:1], output_attentions=True).attentions)
-    metadata = {
+def export_metadata(model, num_gates: int, source: str | None = None) -> dict[str, str]:
+    """What an export carries besides its graph, as strings: threshold, presence threshold, labels, input convention,
+    number of gate maps and the model it came from (ONNX `metadata_props`, OpenVINO `rt_info`)."""
+    return {
         "threshold": str(model.config.threshold),
         **({"presence_threshold": str(model.config.presence_threshold)}
            if getattr(model.config, "presence_threshold", None) is not None else {}),
@@ -89,6 +86,14 @@ def export_model(model, output: str | os.PathLike, opset: int = DEFAULT_OPSET, s
         "num_attention_maps": str(num_gates),
         "source_model": str(source or model.config.name_or_path or ""),
     }
-    output_names = ["logits"] + [f"attention_{i}" for i in range(num_gates)]
-    return export_to_onnx(OnnxExportWrapper(model), example, output, output_names, opset, metadata=metadata)
 
+
+def export_model(model, output: str | os.PathLike, opset: int = DEFAULT_OPSET, source: str | None = None) -> Path:
+    """Exports an `AttentionUNetForSemanticSegmentation` (logits and gate maps, dynamic batch, height and width)."""
+    model = model.eval().float().cpu()
+    example = torch.rand(*EXAMPLE_SHAPE[:1], model.config.num_channels, *EXAMPLE_SHAPE[2:])
+    with torch.no_grad():
+        num_gates = len(model(pixel_values=example[:1], output_attentions=True).attentions)
+    output_names = ["logits"] + [f"attention_{i}" for i in range(num_gates)]
+    return export_to_onnx(OnnxExportWrapper(model), example, output, output_names, opset,
+                          metadata=export_metadata(model, num_gates, source))

@@ -14,7 +14,8 @@ def render_performance(report: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     achieved = lambda figures: f"{figures['gflops_per_second']:.1f}" + (  # noqa: E731
-        f" ({figures['fraction_of_peak']:.0%})" if "fraction_of_peak" in figures else "")
+        f" ({figures['fraction_of_peak']:.0%})" if "fraction_of_peak" in figures else
+        f" ({figures['fraction_of_int8_peak']:.0%} of int8 peak)" if "fraction_of_int8_peak" in figures else "")
     ratio = lambda value: "–" if value is None else f"{value:.2f}"  # noqa: E731
     for result in report["results"]:
         name = result["model"]
@@ -44,10 +45,15 @@ def render_performance(report: dict) -> str:
         "compile": f"*compile*: `torch.compile` with backend `{settings['compile_backend']}`, static shapes",
         "onnxruntime": "*onnxruntime*: the `export_onnx.py` export (dynamic batch, height and width) on ONNX Runtime's "
                        "CPU execution provider",
+        "openvino": "*openvino*: the same export read by OpenVINO (CPU plugin, compiled per input shape, latency hint)",
+        "openvino_int8": "*openvino_int8*: that model quantized to int8 by NNCF as `export_openvino.py` does (this "
+                         "model's head left in float32), calibrated on the benchmark's inputs",
         "training": f"*training*: forward, backward and AdamW step at batch {batch}, BCE + Dice loss (*, "
                     "channels_last*: in channels-last memory format; *, channels_last_compile*: also with the forward "
                     "compiled, as `train_accelerate.py --channels_last --torch_compile`)",
     }
+    measured = {variant for result in report["results"] for variant in result["variants"]}
+    measured |= {"training"} if any("training" in result for result in report["results"]) else set()
     models = "; ".join(
         f"{r['model']}: {r['description']}, {r['params_m']:.1f} M parameters, {r['flops_per_image'] / 1e9:.2f} GFLOPs "
         "per image" + (f" ({r['train_flops_per_image'] / 1e9:.2f} per training image, taken as 3x the forward)"
@@ -57,7 +63,7 @@ def render_performance(report: dict) -> str:
         f"{res}x{res} random fp32 inputs, the same for every model; {threads} thread(s) for PyTorch and ONNX Runtime; "
         f"medians of {settings['repeats']} runs after {settings['warmup']} warm-up runs. Ratios are to this model's "
         "eager figure (training: to its training figure); latency ratios below 1 and throughput ratios above 1 are "
-        "faster. " + "; ".join(text for mode, text in mode_notes.items() if mode not in settings["skip"]) + ".",
+        "faster. " + "; ".join(text for mode, text in mode_notes.items() if mode in measured) + ".",
         f"Models: {models}. FLOPs from `torch.utils.flop_counter.FlopCounterMode`, a multiply-add "
         "counted as 2; GFLOP/s is FLOPs per image x images/s (batch {batch} figure).".replace("{batch}", str(batch)),
         f"Machine: {cpu['model_name']}, {cpu['available_cpus']} CPU(s); torch {report['versions']['torch']}, "
@@ -67,6 +73,16 @@ def render_performance(report: dict) -> str:
         notes.append(f"fp32 peak of {threads} core(s): {threads} x {cpu['ghz']:.2f} GHz ({cpu['clock_source']}) x "
                      f"{cpu['fp32_flops_per_cycle_per_core']} FLOP/cycle = {cpu['peak_gflops']:.0f} GFLOP/s, with "
                      f"{cpu['derivation']}.")
+    for result in report["results"]:
+        if result.get("video"):
+            video = result["video"]
+            first = next(iter(video.values()))
+            notes.append(f"End to end on a {first['size']} H.264 clip of {first['frames']} frames ({result['model']}; "
+                         "predict.py's video path: decoding, the model, drawing and encoding overlapped): "
+                         + "; ".join(f"{variant} {figures['frames_per_second']:.1f} frames/s"
+                                     for variant, figures in video.items()) + ".")
+    if cpu.get("int8_peak_gops"):
+        notes.append(f"int8 peak of {threads} core(s): {cpu['int8_peak_gops']:.0f} GOP/s ({cpu['int8_derivation']}).")
     interleaved = report["interleaved_eager_latency_ms"]
     ours = interleaved[report["results"][0]["model"]]
     notes.append(

@@ -1,8 +1,12 @@
 """Segmenting colonoscopy videos frame by frame (PyAV): the overlaid video and a per-frame CSV."""
 
 import csv
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +50,44 @@ def read_video(path: str | Path) -> Iterator:
             raise ValueError(f"{path}: the video is damaged ({error}).") from error
 
 
+def read_ahead(items: Iterator, limit: int) -> Iterator:
+    """The items of `items`, produced by a background thread up to `limit` ahead of the consumer: FFmpeg decodes
+    without holding the GIL, so the next frames decode while the model runs. The producer's exception is raised in
+    the consumer, at the item where it happened."""
+    buffer: queue.Queue = queue.Queue(maxsize=limit)
+    stopped = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stopped.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stopped.is_set():
+                    return
+            buffer.put((done, None))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            buffer.put((done, error))
+
+    producer = threading.Thread(target=produce, daemon=True, name="read_ahead")
+    producer.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stopped.set()
+        producer.join()
+
+
 def segment_video(
     segment: Callable[[list[np.ndarray]], list[FrameSegmentation]],
     path: str | Path,
@@ -58,24 +100,29 @@ def segment_video(
     """Segments every `every`-th frame of the video at `path` with `segment` (frames -> results), and writes the
     overlaid video (the source's frame rate and size; frames in between show the latest mask) and a CSV with one row
     per segmented frame: `VIDEO_CSV_FIELDS`. `progress` is called with the number of frames done since its last call.
+    Decoding (a thread reading ahead), the model (this thread) and drawing + encoding (a second thread) overlap.
     Raises `ValueError` naming the file for an unreadable or damaged video; the partial outputs are then removed."""
-    import av
-
     output_video, output_csv = Path(output_video), Path(output_csv)
     start = time.perf_counter()
+    chunk = batch_size * every
     frames_read = segmented = 0
     writer = stream = rate = None
+    latest_mask = None
+    encoding: list[Future] = []
     try:
-        with open(output_csv, "w", newline="") as csv_file:
+        decoded = read_ahead(((frame, frame.to_ndarray(format="rgb24")) for frame in read_video(path)), 2 * chunk)
+        with open(output_csv, "w", newline="") as csv_file, closing(decoded), ThreadPoolExecutor(1) as encoder:
             rows = csv.writer(csv_file)
             rows.writerow(VIDEO_CSV_FIELDS)
-            pending: list[tuple[int, float, np.ndarray]] = []
-            latest_mask = None
-
-            def flush() -> None:
-                nonlocal latest_mask, segmented
-                to_segment = [(index, seconds, rgb) for index, seconds, rgb in pending if index % every == 0]
-                results = iter(segment([rgb for _, _, rgb in to_segment]) if to_segment else [])
+            for pending in _batches(decoded, chunk):
+                if writer is None:
+                    writer, stream, rate = _open_video_writer(output_video, path, pending[0][0])
+                pending = [(frames_read + i, _seconds(frame, frames_read + i, rate), rgb)
+                           for i, (frame, rgb) in enumerate(pending)]
+                frames_read += len(pending)
+                to_segment = [rgb for index, _, rgb in pending if index % every == 0]
+                results = iter(segment(to_segment) if to_segment else [])
+                shown_masks = []
                 for index, seconds, rgb in pending:
                     if index % every == 0:
                         result = next(results)
@@ -83,24 +130,17 @@ def segment_video(
                         rows.writerow([index, f"{seconds:.6f}", int(result.present), f"{result.score:.6f}",
                                        f"{result.area_fraction:.6f}", f"{float(result.probability.mean()):.6f}"])
                         segmented += 1
-                    shown = overlay_mask(rgb, latest_mask) if latest_mask is not None else rgb
-                    for packet in stream.encode(av.VideoFrame.from_ndarray(shown, format="rgb24")):
-                        writer.mux(packet)
-                if progress is not None and pending:
+                    shown_masks.append(latest_mask)
+                # One encoder thread takes the batches in order; at most two waiting bounds the frames held.
+                if len(encoding) == 2:
+                    encoding.pop(0).result()
+                encoding.append(encoder.submit(_encode, writer, stream, [rgb for _, _, rgb in pending], shown_masks))
+                if progress is not None:
                     progress(len(pending))
-                pending.clear()
-
-            for frame in read_video(path):
-                if writer is None:
-                    writer, stream, rate = _open_video_writer(output_video, path, frame)
-                seconds = float(frame.time) if frame.time is not None else frames_read / float(rate)
-                pending.append((frames_read, seconds, frame.to_ndarray(format="rgb24")))
-                frames_read += 1
-                if len(pending) >= batch_size * every:
-                    flush()
             if writer is None:
                 raise ValueError(f"{path}: holds no decodable frame.")
-            flush()
+            for future in encoding:
+                future.result()
             for packet in stream.encode():
                 writer.mux(packet)
     except Exception:
@@ -115,6 +155,30 @@ def segment_video(
             writer.close()
     return VideoSummary(frames_read, segmented, float(rate), stream.width, stream.height,
                         time.perf_counter() - start, output_video, output_csv)
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _seconds(frame, index: int, rate) -> float:
+    return float(frame.time) if frame.time is not None else index / float(rate)
+
+
+def _encode(writer, stream, frames: list[np.ndarray], masks: list[np.ndarray | None]) -> None:
+    import av
+
+    for rgb, mask in zip(frames, masks):
+        shown = overlay_mask(rgb, mask) if mask is not None else rgb
+        for packet in stream.encode(av.VideoFrame.from_ndarray(shown, format="rgb24")):
+            writer.mux(packet)
 
 
 def _open_video_writer(output_video: Path, source_path, first_frame):

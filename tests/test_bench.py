@@ -59,6 +59,32 @@ def test_tiny_benchmark_writes_json_and_prints_the_table(tmp_path):
     assert "python benchmarks/bench_cpu.py --tiny" in table
 
 
+def test_tiny_benchmark_has_the_int8_rows_and_the_video_figures(tmp_path):
+    from polyp_segmentation.reports import render_performance
+
+    output_json = tmp_path / "bench.json"
+    result = run_bench("--tiny", "--resolution", "32", "--batch_size", "2", "--repeats", "2", "--warmup", "1",
+                       "--threads", "1", "--video_frames", "6", "--output_json", output_json, "--skip", "smp",
+                       "monai", "channels_last", "channels_last_medium", "compile", "onnxruntime", "training")
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+
+    report = json.loads(output_json.read_text())
+    assert report["machine"]["int8_ops_per_cycle_per_core"] >= 2 * report["machine"]["fp32_flops_per_cycle_per_core"]
+    (ours,) = report["results"]
+    assert set(ours["variants"]) == {"eager", "openvino", "openvino_int8"}
+    for variant, figures in ours["variants"].items():
+        assert "error" not in figures, (variant, figures.get("error"))
+        assert figures["latency_ms"] > 0 and figures["throughput"] > 0
+    if report["machine"]["ghz"]:
+        assert "fraction_of_int8_peak" in ours["variants"]["openvino_int8"]
+        assert "fraction_of_peak" in ours["variants"]["openvino"]
+    assert set(ours["video"]) == {"eager", "openvino", "openvino_int8"}
+    for figures in ours["video"].values():
+        assert figures["frames"] == 6 and figures["frames_per_second"] > 0
+    table = render_performance(report)
+    assert "| Attention U-Net (ours) | openvino_int8 |" in table and "of int8 peak" in table
+
+
 def _importable(module: str) -> bool:
     import importlib.util
 

@@ -123,3 +123,38 @@ def test_a_damaged_video_is_reported_and_the_other_inputs_still_run(clip, kvasir
     assert (tmp_path / "out" / f"{image.stem}_mask.png").is_file()
     assert not (tmp_path / "out" / "damaged_overlay.mp4").exists()
     assert not (tmp_path / "out" / "damaged_frames.csv").exists()
+
+
+def test_read_ahead_yields_every_item_in_order_and_raises_where_the_producer_failed():
+    from polyp_segmentation.video import read_ahead
+
+    assert list(read_ahead(iter(range(50)), limit=3)) == list(range(50))
+
+    def failing():
+        yield from range(5)
+        raise ValueError("clip.mp4: the video is damaged")
+
+    received = []
+    with pytest.raises(ValueError, match="clip.mp4"):
+        for item in read_ahead(failing(), limit=2):
+            received.append(item)
+    assert received == list(range(5))
+
+
+def test_read_ahead_stops_its_producer_when_the_consumer_stops_early():
+    import threading
+    from contextlib import closing
+
+    from polyp_segmentation.video import read_ahead
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    with closing(read_ahead(endless(), limit=2)) as items:
+        assert next(items) == 0
+    assert not any(thread.name == "read_ahead" for thread in threading.enumerate())
+    assert len(produced) <= 4
