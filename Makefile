@@ -14,7 +14,7 @@ TRAIN_RECIPE ?= recipes/cpu_negatives.yaml
 TRAIN_OUTPUT_DIR ?= runs/cpu-v3
 TRAIN_SNAPSHOT_DIR ?= snapshots/cpu-v3
 
-.PHONY: install demo app test test-all train-cpu release negative-probes
+.PHONY: install demo app test test-all train-cpu release int8 negative-probes
 
 install: $(VENV)/.installed
 
@@ -67,7 +67,16 @@ release: install
 	  --choose_presence_threshold $(PRESENCE_SENSITIVITY) --output_json eval/validation.json
 	$(EVALUATE) --split test --output_json eval/test.json
 	$(EVALUATE) --split test --tta --output_json eval/test_tta.json
+	$(MAKE) int8
 	$(BIN)/python make_model_card.py --dataset_name $(KVASIR_SEG_DIR)
+
+# The int8 model for CPUs (OpenVINO), calibrated on training frames and checked against the float32 model before it is
+# written; its test-split figures go beside float32's in the card.
+INT8_MODEL ?= openvino/model_int8.xml
+int8: install
+	$(BIN)/python export_openvino.py --model . --dataset_name $(KVASIR_SEG_DIR) --negative_dataset_name $(NOPOLYP_DIR) \
+	  --output $(INT8_MODEL)
+	$(EVALUATE) --split test --openvino $(INT8_MODEL) --output_json eval/test_int8.json
 
 # Short runs that decide how the polyp-free frames are trained on before the long run: the shipped weights fine-tuned
 # for PROBE_EPOCHS epochs with each RATIO:DICE_ON_EMPTY_MASKS:AUGMENTATION (seed or strong) of PROBES, one after the

@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         candidate = OpenVinoSegmenter(candidate_path)
         report = check_against_pytorch(model, candidate, checks, args)
         report.update(precision=args.precision, calibration_frames=len(calibration),
-                      float32_layers=args.float32_layers, source_model=args.model)
+                      float32_layers=args.float32_layers, source_model=args.model,
+                      command=" ".join(["python export_openvino.py", *(sys.argv[1:] if argv is None else argv)]))
         if not report["accepted"]:
             print(f"Refused: {report['reason']} Nothing written; {output} is left as it was.", file=sys.stderr)
             return 1

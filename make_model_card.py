@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Results of benchmarks/bench_train.py --output_json, for the training-speed table.")
     parser.add_argument("--performance_results", default=str(REPO_ROOT / "benchmarks" / "cpu.json"),
                         help="Results of benchmarks/bench_cpu.py --output_json, for the performance table.")
+    parser.add_argument("--int8_performance_results", default=str(REPO_ROOT / "benchmarks" / "cpu_int8.json"),
+                        help="Results of the bench_cpu.py run with the OpenVINO rows, for the int8 table and the "
+                             "card's speed line.")
     return parser.parse_args(argv)
 
 
@@ -165,8 +168,10 @@ def render_limitations(validation: dict) -> str:
             f"the frame on {shares} (Evaluation below).")
 
 
-def render_results(test: dict, test_tta: dict | None, validation: dict, has_figure: bool) -> str:
+def render_results(test: dict, test_tta: dict | None, validation: dict, has_figure: bool,
+                   test_int8: dict | None = None) -> str:
     columns = [("test", test)] + ([("test, flip TTA", test_tta)] if test_tta else []) + [("validation", validation)]
+    columns += [("test, int8 (OpenVINO)", test_int8)] if test_int8 else []
     lines = ["| metric | " + " | ".join(f"{name}: mean over images | {name}: pooled" for name, _ in columns) + " |",
              "|---|" + "---:|---:|" * len(columns)]
     for metric in METRIC_NAMES:
@@ -196,6 +201,23 @@ def render_results(test: dict, test_tta: dict | None, validation: dict, has_figu
         parts.append("![Test predictions](assets/test_predictions.png)\n\nTest frames across the split's range of "
                      "Dice, worst to best: ground truth outline in blue, prediction in green.")
     return "\n\n".join(parts)
+
+
+def render_cpu_speed(report: dict | None) -> str:
+    """One line of the int8 benchmark for the card: batch-1 latency per runtime and the end-to-end video rate."""
+    if report is None:
+        return ""
+    ours = report["results"][0]
+    runtimes = {"eager": "PyTorch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO float32",
+                "openvino_int8": "OpenVINO int8"}
+    latencies = [f"{label} {ours['variants'][variant]['latency_ms']:.0f} ms" for variant, label in runtimes.items()
+                 if "latency_ms" in ours["variants"].get(variant, {})]
+    video = ours.get("video", {})
+    rates = [f"{runtimes[variant]} {figures['frames_per_second']:.1f}" for variant, figures in video.items()]
+    machine = report["machine"]
+    return (f" Batch-1 latency at {report['settings']['resolution']}x{report['settings']['resolution']} on "
+            f"{report['settings']['threads']} cores of an {machine['model_name']}: " + ", ".join(latencies)
+            + (f"; predict.py on a video, end to end (frames/s): {', '.join(rates)}" if rates else "") + ".")
 
 
 def describe_recipe(config: dict) -> str:
@@ -307,13 +329,15 @@ def update_document(path: Path, blocks: dict[str, str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     eval_dir, readme, docs = Path(args.eval_dir), Path(args.readme), Path(args.docs_dir)
-    names = ["test.json", "test_tta.json", "validation.json"]
+    names = ["test.json", "test_tta.json", "validation.json", "test_int8.json"]
     results = {name: json.loads((eval_dir / name).read_text()) for name in names if (eval_dir / name).is_file()}
     weights = REPO_ROOT / "model.safetensors"
     for name, result in results.items():
         if result["weights_sha256"] != file_sha256(weights):
             raise ValueError(f"{eval_dir / name} was measured on other weights than {weights}: run evaluate_model.py again.")
-    test, test_tta, validation = (results.get(name) for name in names)
+    test, test_tta, validation, test_int8 = (results.get(name) for name in names)
+    int8_performance = (json.loads(Path(args.int8_performance_results).read_text())
+                        if Path(args.int8_performance_results).is_file() else None)
     # The shipped weights come from the last run in training/.
     stage = load_stages(Path(args.training_dir))[-1]
     assets = Path(args.assets_dir)
@@ -327,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         card_data(test), template_path=str(CARD_TEMPLATE), status=render_status(test, validation, stage),
         num_parameters=f"{count_parameters(weights):.1f}", limitations=render_limitations(validation),
         training_summary=render_training_summary(stage),
-        results=render_results(test, test_tta, validation, has_figure),
+        results=render_results(test, test_tta, validation, has_figure, test_int8),
+        cpu_speed=render_cpu_speed(int8_performance),
     )
     readme.write_text(str(card).rstrip("\n") + "\n")
     update_document(docs / "training.md", {"shipped-run": render_shipped_run(stage)} | (
@@ -339,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     if Path(args.performance_results).is_file():
         update_document(docs / "performance.md",
                         {"performance": render_performance(json.loads(Path(args.performance_results).read_text()))})
+    if int8_performance is not None:
+        update_document(docs / "performance.md", {"int8-performance": render_performance(int8_performance)})
     print(f"Wrote {readme}, the generated parts of {docs}/ and {assets}/.")
 
 

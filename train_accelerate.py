@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "images. Its validation split's false-alarm rate is logged every epoch and takes part in "
                            "choosing the best model.")
     data.add_argument("--negative_ratio", type=float, default=None,
-                      help="Share of each epoch's training items that are polyp-free (default 0.25 with "
+                      help="Share of each epoch's training items that are polyp-free (default 0.5 with "
                            "--negative_dataset_name, else 0): frames of --negative_dataset_name and polyp-free crops "
                            "of the training frames themselves (--own_negative_share of them).")
     data.add_argument("--own_negative_share", type=float, default=0.5,
@@ -245,7 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.snapshot_dir and Path(args.snapshot_dir).resolve() == Path(args.output_dir).resolve():
         parser.error("--snapshot_dir must be another folder than --output_dir, whose best model it would overwrite.")
     if args.negative_ratio is None:
-        args.negative_ratio = 0.25 if args.negative_dataset_name else 0.0
+        args.negative_ratio = 0.5 if args.negative_dataset_name else 0.0
     if not 0 <= args.negative_ratio < 1:
         parser.error(f"--negative_ratio must lie in [0, 1), got {args.negative_ratio}.")
     if not 0 <= args.own_negative_share <= 1 or not 0 <= args.closeup_probability <= 1:

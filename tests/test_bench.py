@@ -83,6 +83,10 @@ def test_tiny_benchmark_has_the_int8_rows_and_the_video_figures(tmp_path):
         assert figures["frames"] == 6 and figures["frames_per_second"] > 0
     table = render_performance(report)
     assert "| Attention U-Net (ours) | openvino_int8 |" in table and "of int8 peak" in table
+    from make_model_card import render_cpu_speed
+
+    line = render_cpu_speed(report)
+    assert "OpenVINO int8" in line and "ONNX Runtime" not in line and "frames/s" in line
 
 
 def _importable(module: str) -> bool:
