@@ -34,8 +34,8 @@ from polyp_segmentation.cli import (
 )
 from polyp_segmentation.drawing import heat_map, overlay_mask
 from polyp_segmentation.inference import read_rgb, segment_frames
-from polyp_segmentation.loading import check_input_convention, load_model_and_processor
-from polyp_segmentation.runtimes import OpenVinoSegmenter, import_openvino
+from polyp_segmentation.loading import load_model_and_processor
+from polyp_segmentation.runtimes import import_openvino, load_openvino_segmenter
 from polyp_segmentation.video import VIDEO_EXTENSIONS, segment_video
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = load_model_and_processor(args.model, args.revision, args.trust_remote_code, args.device)
     segmenter = None
     if args.openvino is not None:
-        segmenter = OpenVinoSegmenter(args.openvino)
-        check_input_convention(segmenter, processor, f"--openvino {args.openvino} with the processor of {args.model}")
+        segmenter = load_openvino_segmenter(args.openvino, processor, args.model)
     demo = build_demo(model, processor, args.device, segmenter)
     demo.queue().launch(server_name=args.server_name, server_port=args.server_port, show_error=True)
 

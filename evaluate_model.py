@@ -38,7 +38,7 @@ from polyp_segmentation.data import (
     processor_normalization,
 )
 from polyp_segmentation.inference import is_polyp_present, predict_logits
-from polyp_segmentation.loading import check_input_convention, file_sha256, load_model_and_processor
+from polyp_segmentation.loading import file_sha256, load_model_and_processor
 from polyp_segmentation.metrics import (
     METRIC_NAMES,
     confusion_counts,
@@ -50,7 +50,7 @@ from polyp_segmentation.metrics import (
     roc_auc,
     summarize,
 )
-from polyp_segmentation.runtimes import OpenVinoSegmenter, import_openvino
+from polyp_segmentation.runtimes import import_openvino, load_openvino_segmenter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = load_model_and_processor(args.model, args.revision, args.trust_remote_code, args.device)
     segmenter = model
     if args.openvino is not None:
-        segmenter = OpenVinoSegmenter(args.openvino)
-        check_input_convention(segmenter, processor, f"--openvino {args.openvino} with the processor of {args.model}")
+        segmenter = load_openvino_segmenter(args.openvino, processor, args.model)
     threshold = model.config.threshold
     args.resolution = args.resolution or processor.size["height"]
 

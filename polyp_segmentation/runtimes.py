@@ -121,3 +121,13 @@ class OpenVinoSegmenter(_ExportedSegmenter):
         results = compiled({self.input_name: pixel_values.cpu().contiguous().numpy()}).to_tuple()
         outputs = dict(zip(self.output_names, results))
         return self._output(outputs, output_attentions, self.path)
+
+
+def load_openvino_segmenter(path: str | Path, processor, source: str | Path) -> OpenVinoSegmenter:
+    """The OpenVINO export at `path`, to run in place of the model loaded from `source` with its `processor`; refused
+    (`ValueError`) unless the two agree on who normalises the pixels."""
+    from polyp_segmentation.loading import check_input_convention
+
+    segmenter = OpenVinoSegmenter(path)
+    check_input_convention(segmenter, processor, f"--openvino {path} with the processor of {source}")
+    return segmenter
