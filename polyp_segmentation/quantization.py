@@ -19,8 +19,8 @@ from polyp_segmentation.runtimes import (
     import_openvino,
 )
 
-# Layers kept in float32, by the name of their weights in the PyTorch model (regular expressions): measured in
-# docs/deployment.md#int8.
+# Layers kept in float32, by the name of their weights in the PyTorch model (regular expressions): chosen with
+# benchmarks/int8_layers.py (benchmarks/int8_layers.json; docs/deployment.md).
 FLOAT32_LAYERS = (r"encoder\.stem_0",)
 WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul")
 NEGATIVE_CALIBRATION_SHARE = 0.25

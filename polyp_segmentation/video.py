@@ -58,20 +58,24 @@ def read_ahead(items: Iterator, limit: int) -> Iterator:
     stopped = threading.Event()
     done = object()
 
+    def offer(entry) -> bool:
+        """Puts `entry` unless the consumer has stopped (which never empties a full buffer again)."""
+        while not stopped.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stopped.is_set():
-                    try:
-                        buffer.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stopped.is_set():
+                if not offer((item, None)):
                     return
-            buffer.put((done, None))
+            offer((done, None))
         except BaseException as error:  # noqa: BLE001 - handed to the consumer
-            buffer.put((done, error))
+            offer((done, error))
 
     producer = threading.Thread(target=produce, daemon=True, name="read_ahead")
     producer.start()
