@@ -20,11 +20,12 @@ def test_tiny_benchmark_writes_json_and_prints_the_table(tmp_path):
     from polyp_segmentation.reports import render_performance
 
     output_json = tmp_path / "bench.json"
-    # ONNX Runtime is left out: exporting the three models would triple the test's time, and tests/test_onnx.py
-    # covers the export. The `eager` backend checks that torch.compile traces the models without Inductor's compiler.
+    # The exports (ONNX Runtime, OpenVINO) and the video figures are left out: exporting the three models would
+    # triple the test's time; tests/test_onnx.py and the test below cover them. The `eager` backend checks that
+    # torch.compile traces the models without Inductor's compiler.
     result = run_bench("--tiny", "--resolution", "32", "--batch_size", "2", "--repeats", "2", "--warmup", "1",
-                       "--threads", "1", "--compile_backend", "eager", "--skip", "onnxruntime",
-                       "--output_json", output_json)
+                       "--threads", "1", "--compile_backend", "eager", "--skip", "onnxruntime", "openvino",
+                       "openvino_int8", "video", "--output_json", output_json)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
 
     report = json.loads(output_json.read_text())
