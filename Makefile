@@ -8,8 +8,9 @@ BIN = $(VENV)/bin
 
 KVASIR_SEG_DIR ?= ../shared/data/kvasir-seg
 NOPOLYP_DIR ?= ../shared/data/nopolyp
-# The CPU long run that trains the next weights: its recipe, its checkpoints (this machine only) and its snapshot,
-# committed as the run goes: where it goes on when its checkpoints are gone (a new machine).
+# The CPU long run that trains the next weights: its recipe, its checkpoints and its snapshot (fp16 EMA weights after
+# every epoch), both on this machine only (run outputs stay out of the repository): on a new machine the recipe starts
+# again from the shipped weights.
 TRAIN_RECIPE ?= recipes/cpu_negatives.yaml
 TRAIN_OUTPUT_DIR ?= runs/cpu-v3
 TRAIN_SNAPSHOT_DIR ?= snapshots/cpu-v3
