@@ -69,7 +69,7 @@ release: install
 	$(EVALUATE) --split test --output_json eval/test.json
 	$(EVALUATE) --split test --tta --output_json eval/test_tta.json
 	$(MAKE) int8
-	$(BIN)/python make_model_card.py --dataset_name $(KVASIR_SEG_DIR)
+	$(BIN)/python make_model_card.py --dataset_name $(KVASIR_SEG_DIR) --negative_dataset_name $(NOPOLYP_DIR)
 
 # The int8 model for CPUs (OpenVINO), calibrated on training frames and checked against the float32 model before it is
 # written; its test-split figures go beside float32's in the card.

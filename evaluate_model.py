@@ -128,32 +128,34 @@ def score_dataset(model, segmenter, dataset: PolypSegmentationDataset, args: arg
 
 
 def score_negatives(
-    model, segmenter, args: argparse.Namespace, threshold: float, normalization, images: list[torch.Tensor],
-    masks: list[torch.Tensor],
-) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
-    """Counts and polyp scores of the polyp-free frames of `--negative_dataset_name` (key `negatives`) and of
-    polyp-free crops of the evaluated frames (`own_crops`), each with a description of its source."""
+    model, segmenter, args: argparse.Namespace, threshold: float, normalization, names: list[str],
+    images: list[torch.Tensor], masks: list[torch.Tensor],
+) -> dict[str, tuple[str, list[str], torch.Tensor, torch.Tensor]]:
+    """Description, frame names, counts and polyp scores of the polyp-free frames of `--negative_dataset_name` (key
+    `negatives`) and of polyp-free crops of the evaluated frames (`own_crops`)."""
     samples = load_negative_splits(args.negative_dataset_name)[args.negative_split]
-    names, negative_images, _, problems = decode_samples(samples, args.resolution)
+    negative_names, negative_images, _, problems = decode_samples(samples, args.resolution)
     if problems:
         listing = "\n  ".join(problems)
         raise DataError(f"{len(problems)} unusable frame(s) in {args.negative_dataset_name}:\n  {listing}")
-    sources = {"negatives": (f"{args.negative_split} split of {args.negative_dataset_name}", negative_images),
-               "own_crops": (f"polyp-free crops of the {args.split} frames", polyp_free_crops(images, masks))}
+    sources = {"negatives": (f"{args.negative_split} split of {args.negative_dataset_name}", negative_names,
+                             negative_images),
+               "own_crops": (f"polyp-free crops of the {args.split} frames", *polyp_free_crops(names, images, masks))}
     scored = {}
-    for key, (source, frames) in sources.items():
+    for key, (source, frame_names, frames) in sources.items():
         empty = [torch.zeros(frame.shape[-2:], dtype=torch.bool) for frame in frames]
-        dataset = PolypSegmentationDataset([str(i) for i in range(len(frames))], frames, empty, *normalization)
+        dataset = PolypSegmentationDataset(frame_names, frames, empty, *normalization)
         counts, _, scores = score_dataset(model, segmenter, dataset, args, threshold, source)
-        scored[key] = (source, counts, scores)
+        scored[key] = (source, frame_names, counts, scores)
     return scored
 
 
-def negative_summary(source: str, counts: torch.Tensor, scores: torch.Tensor, positive_counts: torch.Tensor,
-                     positive_scores: torch.Tensor, threshold: float, presence_threshold: float | None) -> dict:
+def negative_summary(source: str, names: list[str], counts: torch.Tensor, scores: torch.Tensor,
+                     positive_counts: torch.Tensor, positive_scores: torch.Tensor, threshold: float,
+                     presence_threshold: float | None) -> dict:
     """False alarms of the raw logits (what a user thresholding `logits.sigmoid()` sees), the frame-level decision's
-    specificity (the share judged polyp-free, whose masks the processor empties), and the ROC AUC of two frame scores
-    (largest probability, marked area) against the frames with a polyp."""
+    specificity (the share judged polyp-free, whose masks the processor empties), the ROC AUC of two frame scores
+    (largest probability, marked area) against the frames with a polyp, and each frame's score and marked area."""
     marked_area = lambda c: c[:, :2].sum(1).double() / c.sum(1).double()  # noqa: E731
     judged_present = [is_polyp_present(score, threshold, presence_threshold) for score in scores.tolist()]
     return {
@@ -161,6 +163,9 @@ def negative_summary(source: str, counts: torch.Tensor, scores: torch.Tensor, po
         "specificity": 1.0 - sum(judged_present) / len(scores),
         "roc_auc_max_probability": roc_auc(positive_scores, scores),
         "roc_auc_marked_area": roc_auc(marked_area(positive_counts), marked_area(counts)),
+        "per_image": [{"name": name, "polyp_score": score, "marked_fraction": fraction, "polyp_present": present}
+                      for name, score, fraction, present in zip(names, scores.tolist(), marked_area(counts).tolist(),
+                                                                judged_present)],
     }
 
 
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     raw_counts, loss, scores = score_dataset(model, segmenter, dataset, args, threshold, args.split)
     negatives = None
     if args.negative_dataset_name:
-        negatives = score_negatives(model, segmenter, args, threshold, normalization, images, masks)
+        negatives = score_negatives(model, segmenter, args, threshold, normalization, names, images, masks)
     presence_threshold = getattr(model.config, "presence_threshold", None) if args.presence_threshold is None \
         else args.presence_threshold
     if args.choose_presence_threshold is not None:

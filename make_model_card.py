@@ -5,7 +5,7 @@
         --negative_dataset_name ../shared/data/nopolyp --output_json eval/validation.json
     python evaluate_model.py --model . --dataset_name ../shared/data/kvasir-seg --split test --output_json eval/test.json
     python evaluate_model.py --model . --dataset_name ../shared/data/kvasir-seg --split test --tta --output_json eval/test_tta.json
-    python make_model_card.py --dataset_name ../shared/data/kvasir-seg
+    python make_model_card.py --dataset_name ../shared/data/kvasir-seg --negative_dataset_name ../shared/data/nopolyp
 
 The card is `docs/model_card_template.md` filled in through `huggingface_hub.ModelCard`, its metadata (the
 `model-index` included) made by `ModelCardData` and `EvalResult` from `eval/test.json`; its status, results and
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from huggingface_hub import EvalResult, ModelCard, ModelCardData  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from polyp_segmentation.data import decode_sample, load_local_splits  # noqa: E402
+from polyp_segmentation.data import decode_sample, load_local_splits, load_negative_splits  # noqa: E402
 from polyp_segmentation.drawing import overlay_mask  # noqa: E402
 from polyp_segmentation.loading import file_sha256, load_model_and_processor  # noqa: E402
 from polyp_segmentation.metrics import METRIC_NAMES  # noqa: E402
@@ -52,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_name", default=None,
                         help="Local Kvasir-SEG folder for the prediction figure (skipped without it).")
     parser.add_argument("--num_examples", type=int, default=5,
-                        help="Test frames in the prediction figure, from the worst Dice to the best.")
+                        help="Frames in each prediction figure, from the worst to the best.")
+    parser.add_argument("--negative_dataset_name", default=None,
+                        help="Local folder of polyp-free frames (the one eval/validation.json was scored on) for the "
+                             "figure of what the model marks on them (skipped without it).")
     parser.add_argument("--fit_probe_results", default=str(REPO_ROOT / "benchmarks" / "fit_probe.jsonl"),
                         help="Results of benchmarks/fit_probe.py --output_jsonl, for the fit-probe table.")
     parser.add_argument("--training_speed_results", default=str(REPO_ROOT / "benchmarks" / "train_cpu.json"),
@@ -169,7 +172,7 @@ def render_limitations(validation: dict) -> str:
 
 
 def render_results(test: dict, test_tta: dict | None, validation: dict, has_figure: bool,
-                   test_int8: dict | None = None) -> str:
+                   test_int8: dict | None = None, has_polyp_free_figure: bool = False) -> str:
     columns = [("test", test)] + ([("test, flip TTA", test_tta)] if test_tta else []) + [("validation", validation)]
     columns += [("test, int8 (OpenVINO)", test_int8)] if test_int8 else []
     lines = ["| metric | " + " | ".join(f"{name}: mean over images | {name}: pooled" for name, _ in columns) + " |",
@@ -194,12 +197,18 @@ def render_results(test: dict, test_tta: dict | None, validation: dict, has_figu
     parts.append(
         f"Weights sha256 `{test['weights_sha256'][:16]}…`; test file list sha256 `{test['split_sha256'][:16]}…`. "
         "Reproduce (the tables are generated from the JSON these write):\n\n```bash\n" + "\n".join(commands)
-        + "\npython make_model_card.py --dataset_name ../shared/data/kvasir-seg\n```"
+        + "\npython make_model_card.py --dataset_name ../shared/data/kvasir-seg --negative_dataset_name "
+        "../shared/data/nopolyp\n```"
     )
     parts.append("![Training curves](assets/training_curves.png)")
     if has_figure:
         parts.append("![Test predictions](assets/test_predictions.png)\n\nTest frames across the split's range of "
                      "Dice, worst to best: ground truth outline in blue, prediction in green.")
+    if has_polyp_free_figure:
+        parts.append("![Polyp-free frames](assets/polyp_free_predictions.png)\n\nPolyp-free validation frames, from "
+                     "the quietest to the one the raw logits mark most: in green what `logits.sigmoid() > "
+                     f"{validation['threshold']}` marks, above each its share of the frame, the frame's polyp score "
+                     "and the decision at the presence threshold.")
     return "\n\n".join(parts)
 
 
@@ -319,6 +328,42 @@ def plot_test_predictions(dataset_name: str, test: dict, num_examples: int, path
     plt.close(fig)
 
 
+def plot_polyp_free_predictions(negative_dataset_name: str, validation: dict, num_examples: int,
+                                path: Path) -> None:
+    """Polyp-free validation frames from the quietest to the one the raw logits mark most (evenly spaced ranks of the
+    marked area in `eval/validation.json`), each with what `logits.sigmoid() > threshold` marks and the frame's
+    polyp score and decision."""
+    scored = validation["negatives"]["negatives"]
+    if "per_image" not in scored:
+        raise ValueError("eval/validation.json holds no per-frame figures of the polyp-free frames: run "
+                         "evaluate_model.py --negative_dataset_name again.")
+    ranked = sorted(scored["per_image"], key=lambda image: (image["marked_fraction"], image["polyp_score"]))
+    chosen = [ranked[rank] for rank in np.linspace(0, len(ranked) - 1, num_examples).round().astype(int)]
+    samples = {sample.name: sample for sample in load_negative_splits(negative_dataset_name)["validation"]}
+    missing = [image["name"] for image in chosen if image["name"] not in samples]
+    if missing:
+        raise ValueError(f"{negative_dataset_name}: frame(s) {', '.join(missing)} of eval/validation.json are not in "
+                         "its validation split: evaluate_model.py ran on other polyp-free frames.")
+    model, processor = load_model_and_processor(REPO_ROOT)
+    fig, axes = plt.subplots(1, num_examples, figsize=(3 * num_examples, 3.6))
+    for axis, image in zip(np.atleast_1d(axes), chosen):
+        frame = decode_sample(samples[image["name"]], resolution=validation["resolution"])[0].permute(1, 2, 0).numpy()
+        with torch.inference_mode():
+            logits = model(**processor(images=frame, return_tensors="pt")).logits
+        marked = (logits.sigmoid() > validation["threshold"])[0, 0].numpy()
+        if abs(marked.mean() - image["marked_fraction"]) > 0.01:
+            raise ValueError(f"{image['name']}: {marked.mean():.1%} marked here but {image['marked_fraction']:.1%} in "
+                             "eval/validation.json: run evaluate_model.py again on these weights.")
+        axis.imshow(overlay_mask(frame, marked))
+        verdict = "polyp" if image["polyp_present"] else "no polyp"
+        axis.set_title(f"marked {image['marked_fraction']:.1%}\nscore {image['polyp_score']:.2f}: {verdict}",
+                       fontsize=10)
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def update_document(path: Path, blocks: dict[str, str]) -> None:
     text = path.read_text()
     for name, content in blocks.items():
@@ -346,12 +391,16 @@ def main(argv: list[str] | None = None) -> None:
     has_figure = args.dataset_name is not None
     if has_figure:
         plot_test_predictions(args.dataset_name, test, args.num_examples, assets / "test_predictions.png")
+    has_polyp_free_figure = args.negative_dataset_name is not None and "negatives" in validation
+    if has_polyp_free_figure:
+        plot_polyp_free_predictions(args.negative_dataset_name, validation, args.num_examples,
+                                    assets / "polyp_free_predictions.png")
 
     card = ModelCard.from_template(
         card_data(test), template_path=str(CARD_TEMPLATE), status=render_status(test, validation, stage),
         num_parameters=f"{count_parameters(weights):.1f}", limitations=render_limitations(validation),
         training_summary=render_training_summary(stage),
-        results=render_results(test, test_tta, validation, has_figure, test_int8),
+        results=render_results(test, test_tta, validation, has_figure, test_int8, has_polyp_free_figure),
         cpu_speed=render_cpu_speed(int8_performance),
     )
     readme.write_text(str(card).rstrip("\n") + "\n")

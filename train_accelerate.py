@@ -400,7 +400,7 @@ def build_datasets(args: argparse.Namespace, processor, augment_on_device: bool 
     validation_negatives = None
     if args.negative_ratio or args.negative_dataset_name:
         # The polyp-free frames' validation split and fixed polyp-free crops of the validation frames.
-        frames = negatives["validation"] + polyp_free_crops(decoded["validation"][1], decoded["validation"][2])
+        frames = negatives["validation"] + polyp_free_crops(*decoded["validation"])[1]
         validation_negatives = PolypSegmentationDataset(
             [str(i) for i in range(len(frames))], frames, [torch.zeros(f.shape[-2:], dtype=torch.bool) for f in frames],
             mean, std)

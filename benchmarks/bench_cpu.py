@@ -25,6 +25,7 @@ Markdown table and writes everything to `--output_json`; `make_model_card.py` re
 
 import argparse
 import copy
+import importlib.util
 import os
 import platform
 import re
@@ -50,8 +51,9 @@ from polyp_segmentation.runtimes import OpenVinoSegmenter
 from polyp_segmentation.testing import REPO_ROOT, TINY_OVERRIDES
 from polyp_segmentation.video import segment_video
 
-VARIANTS = ("eager", "channels_last", "channels_last_medium", "compile", "onnxruntime", "openvino", "openvino_int8")
-INT8_VARIANTS = ("openvino_int8",)
+VARIANTS = ("eager", "channels_last", "channels_last_medium", "compile", "onnxruntime", "openvino", "openvino_int8",
+            "pytorch_int8")
+INT8_VARIANTS = ("openvino_int8", "pytorch_int8")
 # This model's training step in the forms `train_accelerate.py` offers (and the `--skip` names that leave each out);
 # the peers train eagerly only.
 TRAINING_VARIANTS = {"eager": (), "channels_last": ("channels_last",),
@@ -60,7 +62,7 @@ PEERS = ("smp", "monai")
 EXAMPLES = REPO_ROOT / "examples"
 VIDEO_RATE = 25
 SKIPPABLE = (*PEERS, "channels_last", "channels_last_medium", "compile", "onnxruntime", "openvino", "openvino_int8",
-             "training", "video")
+             "pytorch_int8", "training", "video")
 OURS = "Attention U-Net (ours)"
 PEER_NAMES = {"smp": "smp Unet", "monai": "MONAI AttentionUnet"}
 # FMA units per core are not in /proc/cpuinfo; two is right for Intel cores since Haswell (most AVX-512 server parts)
@@ -276,7 +278,37 @@ def make_runner(variant: str, module: nn.Module, args, export: Callable[[str], o
         return lambda x: session.run(["logits"], {"pixel_values": x.numpy()})[0]
     if variant in ("openvino", "openvino_int8"):
         return openvino_runner(variant, args, export, workdir, inputs, float32_layers)
+    if variant == "pytorch_int8":
+        return pytorch_int8_runner(module, args, inputs)
     raise ValueError(variant)
+
+
+def pytorch_int8_runner(module: nn.Module, args, inputs: torch.Tensor):
+    """PyTorch's own x86 int8 path: the graph captured by `torch.export` (dynamic batch), quantized by torchao's PT2E
+    flow with `X86InductorQuantizer` (static: per-channel int8 weights, int8 activations) calibrated on the benchmark's
+    inputs, then compiled by Inductor with freezing, which folds the int8 weights into oneDNN's packed layout."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    batch = torch.export.Dim("batch", min=1, max=max(args.batch_size, 2))
+    exported = torch.export.export(module, (inputs[:2],), dynamic_shapes=({0: batch},)).module()
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        prepared(inputs)
+    quantized = move_exported_model_to_eval(convert_pt2e(prepared))
+    compiled = torch.compile(quantized, backend=args.compile_backend, dynamic=False)
+
+    def run(x):
+        # Inductor compiles on the first call of each shape; freezing must be on then.
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(x)
+
+    return run
 
 
 def openvino_runner(variant: str, args, export: Callable[[str], object], workdir: Path, inputs: torch.Tensor,
@@ -349,7 +381,7 @@ def benchmark_model(name: str, model: nn.Module, loss_fn, args, inputs, labels, 
                 run = make_runner(variant, module, args, export, Path(workdir), inputs, FLOAT32_LAYERS if ours else ())
                 figures["setup_seconds"] = time.perf_counter() - start
                 # torch.compile compiles on the first call of each shape: never inside the timed runs.
-                warmup = max(args.warmup, 1) if variant == "compile" else args.warmup
+                warmup = max(args.warmup, 1) if variant in ("compile", "pytorch_int8") else args.warmup
                 with torch.inference_mode():
                     latency, latency_runs, warm = median_seconds(lambda: run(single), warmup, args.repeats)
                     step, step_runs, warm_batch = median_seconds(lambda: run(batch), warmup, args.repeats)
@@ -475,6 +507,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "using the CPU, so these figures understate the machine.")
         print(f"warning: {notes[-1]}", file=sys.stderr)
 
+    if "pytorch_int8" not in args.skip and importlib.util.find_spec("torchao") is None:
+        args.skip.append("pytorch_int8")
+        notes.append("pytorch_int8 skipped: torchao is not installed (`pip install -r requirements-bench.txt`).")
+        print(f"warning: {notes[-1]}", file=sys.stderr)
+
     torch.manual_seed(args.seed)
     model, description, loss_fn = build_ours(args)
     # (name, description, model, is this model, export to a path for ONNX Runtime)
@@ -511,7 +548,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for module_name in ("onnxruntime", "timm", "transformers", "segmentation_models_pytorch", "monai"):
+    for module_name in ("onnxruntime", "openvino", "nncf", "torchao", "timm", "transformers",
+                        "segmentation_models_pytorch", "monai"):
         if module_name in sys.modules:
             versions[module_name] = sys.modules[module_name].__version__
     report = {

@@ -369,16 +369,17 @@ def crop_resized(image: torch.Tensor, mask: torch.Tensor,
     return image, mask
 
 
-def polyp_free_crops(images: list[torch.Tensor], masks: list[torch.Tensor],
-                     seed: int = SPLIT_SEED) -> list[torch.Tensor]:
+def polyp_free_crops(names: list[str], images: list[torch.Tensor], masks: list[torch.Tensor],
+                     seed: int = SPLIT_SEED) -> tuple[list[str], list[torch.Tensor]]:
     """One polyp-free crop (see `polyp_free_box`) of each frame that has room for one, drawn from `seed` and the
-    frame's position: fixed negatives for validation."""
-    crops = []
-    for index, (image, mask) in enumerate(zip(images, masks)):
+    frame's position: fixed negatives for validation. Returns the crops and their names (`"<frame> crop"`)."""
+    crop_names, crops = [], []
+    for index, (name, image, mask) in enumerate(zip(names, images, masks)):
         box = polyp_free_box(mask, torch.Generator().manual_seed(hash((seed, index)) % 2**63))
         if box is not None:
+            crop_names.append(f"{name} crop")
             crops.append(crop_resized(image, mask, box)[0])
-    return crops
+    return crop_names, crops
 
 
 class PolypSegmentationDataset(torch.utils.data.Dataset):

@@ -47,7 +47,10 @@ def render_performance(report: dict) -> str:
                        "CPU execution provider",
         "openvino": "*openvino*: the same export read by OpenVINO (CPU plugin, compiled per input shape, latency hint)",
         "openvino_int8": "*openvino_int8*: that model quantized to int8 by NNCF as `export_openvino.py` does (this "
-                         "model's head left in float32), calibrated on the benchmark's inputs",
+                         "model's encoder stem left in float32), calibrated on the benchmark's inputs",
+        "pytorch_int8": "*pytorch_int8*: PyTorch's own x86 int8 path: `torch.export`, torchao's PT2E quantization "
+                        "with `X86InductorQuantizer` (static, per-channel weights; calibrated on the benchmark's "
+                        f"inputs) and `torch.compile` (backend `{settings['compile_backend']}`, freezing on)",
         "training": f"*training*: forward, backward and AdamW step at batch {batch}, BCE + Dice loss (*, "
                     "channels_last*: in channels-last memory format; *, channels_last_compile*: also with the forward "
                     "compiled, as `train_accelerate.py --channels_last --torch_compile`)",

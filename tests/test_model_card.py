@@ -168,37 +168,43 @@ def test_card_leaves_out_epochs_whose_validation_was_not_finite():
 DOCS = ("training.md", "architecture.md", "performance.md")
 
 
-def run_make_model_card(kvasir_root, tmp_path, *extra: str) -> None:
+def run_make_model_card(kvasir_root, nopolyp_root, tmp_path, *extra: str) -> None:
     from make_model_card import main
 
     shutil.copyfile(README, tmp_path / "README.md")
     shutil.copytree(REPO_ROOT / "docs", tmp_path / "docs")
     main(["--readme", str(tmp_path / "README.md"), "--docs_dir", str(tmp_path / "docs"), "--assets_dir",
-          str(tmp_path / "assets"), "--dataset_name", str(kvasir_root), *extra])
+          str(tmp_path / "assets"), "--dataset_name", str(kvasir_root), "--negative_dataset_name", str(nopolyp_root),
+          *extra])
 
 
 def test_card_and_docs_are_what_make_model_card_writes_from_the_committed_measurements(shipped_weights, kvasir_root,
-                                                                                        tmp_path):
+                                                                                        nopolyp_root, tmp_path):
     """The card (from docs/model_card_template.md), the generated parts of docs/ and the figures come from
     make_model_card.py: run on the committed files, it leaves them as committed."""
-    run_make_model_card(kvasir_root, tmp_path)
+    run_make_model_card(kvasir_root, nopolyp_root, tmp_path)
     assert (tmp_path / "README.md").read_text() == README.read_text(), "README.md differs: run make_model_card.py"
     for name in DOCS:
         assert (tmp_path / "docs" / name).read_text() == (REPO_ROOT / "docs" / name).read_text(), (
             f"docs/{name} differs from what make_model_card.py writes: run it")
-    for name in ("training_curves.png", "test_predictions.png"):
+    for name in ("training_curves.png", "test_predictions.png", "polyp_free_predictions.png"):
         with PIL.Image.open(tmp_path / "assets" / name) as drawn, PIL.Image.open(REPO_ROOT / "assets" / name) as kept:
             assert drawn.size == kept.size
 
 
-def test_card_figure_refuses_an_evaluation_of_other_data(shipped_weights, kvasir_root, tmp_path):
+@pytest.mark.parametrize("file, split", [("test.json", "test"), ("validation.json", "validation")])
+def test_card_figures_refuse_an_evaluation_of_other_data(file, split, shipped_weights, kvasir_root, nopolyp_root,
+                                                         tmp_path):
     eval_dir = tmp_path / "eval"
     shutil.copytree(REPO_ROOT / "eval", eval_dir)
-    test = json.loads((eval_dir / "test.json").read_text())
-    test["per_image"][0].update(name="not-a-kvasir-frame", dice=0.0)  # the worst frame: always drawn
-    (eval_dir / "test.json").write_text(json.dumps(test))
-    with pytest.raises(ValueError, match="not-a-kvasir-frame.*not in its test split"):
-        run_make_model_card(kvasir_root, tmp_path, "--eval_dir", str(eval_dir))
+    result = json.loads((eval_dir / file).read_text())
+    if split == "test":
+        result["per_image"][0].update(name="not-a-frame-of-the-split", dice=0.0)  # the worst frame: always drawn
+    else:  # the quietest polyp-free frame: always drawn
+        result["negatives"]["negatives"]["per_image"][0].update(name="not-a-frame-of-the-split", marked_fraction=-1.0)
+    (eval_dir / file).write_text(json.dumps(result))
+    with pytest.raises(ValueError, match=f"not-a-frame-of-the-split.*not in its {split} split"):
+        run_make_model_card(kvasir_root, nopolyp_root, tmp_path, "--eval_dir", str(eval_dir))
     assert (tmp_path / "README.md").read_text() == README.read_text()
 
 

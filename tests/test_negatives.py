@@ -80,9 +80,10 @@ def test_validation_crops_exist_for_most_real_frames_and_repeat(kvasir_root):
     from polyp_segmentation.data import decode_samples, load_local_splits
 
     names, images, masks, _ = decode_samples(load_local_splits(kvasir_root)[0]["validation"][:20], 256)
-    crops = polyp_free_crops(images, masks)
+    crop_names, crops = polyp_free_crops(names, images, masks)
     assert len(crops) >= 15 and all(crop.shape == (3, 256, 256) for crop in crops)
-    assert all(torch.equal(a, b) for a, b in zip(crops, polyp_free_crops(images, masks)))
+    assert set(crop_names) <= {f"{name} crop" for name in names} and len(set(crop_names)) == len(crops)
+    assert all(torch.equal(a, b) for a, b in zip(crops, polyp_free_crops(names, images, masks)[1]))
 
 
 def mixture(ratio: float = 0.25, **kwargs) -> PolypMixtureDataset:
@@ -202,6 +203,10 @@ def test_evaluate_reports_the_false_alarm_rate_on_polyp_free_frames(bias, flags,
     for entry in negatives.values():
         assert entry["false_alarm_rate"] == entry["any_pixel_rate"] == (1.0 if judged_free else rate)  # raw logits
         assert entry["specificity"] == 1.0 - rate
+        assert len(entry["per_image"]) == entry["num_images"]
+        for frame in entry["per_image"]:
+            assert frame["marked_fraction"] == (1.0 if judged_free else rate) and frame["polyp_present"] == bool(rate)
+    assert all(frame["name"].endswith(" crop") for frame in negatives["own_crops"]["per_image"])
     assert result["frame_sensitivity"] == rate
     if judged_free:  # no mask is left on the polyp frames either
         assert result["metrics"]["mean_recall"] == 0.0
