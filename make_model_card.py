@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--int8_performance_results", default=str(REPO_ROOT / "benchmarks" / "cpu_int8.json"),
                         help="Results of the bench_cpu.py run with the OpenVINO rows, for the int8 table and the "
                              "card's speed line.")
+    parser.add_argument("--int8_avx2_performance_results",
+                        default=str(REPO_ROOT / "benchmarks" / "cpu_int8_avx2.json"),
+                        help="The same run with oneDNN capped to AVX2 (no VNNI), for the int8 table without VNNI.")
     return parser.parse_args(argv)
 
 
@@ -415,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
                         {"performance": render_performance(json.loads(Path(args.performance_results).read_text()))})
     if int8_performance is not None:
         update_document(docs / "performance.md", {"int8-performance": render_performance(int8_performance)})
+    if Path(args.int8_avx2_performance_results).is_file():
+        update_document(docs / "performance.md", {"int8-performance-avx2": render_performance(
+            json.loads(Path(args.int8_avx2_performance_results).read_text()))})
     print(f"Wrote {readme}, the generated parts of {docs}/ and {assets}/.")
 
 

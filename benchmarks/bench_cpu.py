@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,6 +66,12 @@ SKIPPABLE = (*PEERS, "channels_last", "channels_last_medium", "compile", "onnxru
              "pytorch_int8", "training", "video")
 OURS = "Attention U-Net (ours)"
 PEER_NAMES = {"smp": "smp Unet", "monai": "MONAI AttentionUnet"}
+# The /proc/cpuinfo flags that each ONEDNN_MAX_CPU_ISA value leaves out (by prefix).
+ISA_CAP_DROPS = {"AVX2": ("avx512", "avx_vnni", "amx"), "AVX2_VNNI": ("avx512", "amx"),
+                 "AVX512_CORE": ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx"),
+                 "AVX512_CORE_VNNI": ("avx512_bf16", "amx"), "AVX512_CORE_BF16": ("amx",)}
+# The variables that cap the instruction sets (oneDNN, OpenVINO's own kernels, MKL): part of the recorded command.
+ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "OV_CPU_MAX_ISA", "MKL_ENABLE_INSTRUCTIONS")
 # FMA units per core are not in /proc/cpuinfo; two is right for Intel cores since Haswell (most AVX-512 server parts)
 # and AMD cores since Zen 2.
 FMA_UNITS_PER_CORE = 2
@@ -109,6 +116,10 @@ def cpu_info() -> dict:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     field = lambda name: re.findall(rf"^{name}\s*:\s*(.+)$", text, flags=re.MULTILINE)  # noqa: E731
     flags = set(field("flags")[0].split()) if field("flags") else set()
+    # A cap on the instruction sets oneDNN (PyTorch's and OpenVINO's) dispatches to stands in for an older CPU; the
+    # peaks are then the capped ISA's. ONNX Runtime does not read it.
+    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() or None
+    flags -= {flag for flag in flags if any(flag.startswith(prefix) for prefix in ISA_CAP_DROPS.get(isa_cap, ()))}
     max_freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
     if max_freq.exists():
         ghz, clock_source = int(max_freq.read_text()) / 1e6, "cpufreq cpuinfo_max_freq"
@@ -137,6 +148,7 @@ def cpu_info() -> dict:
         "ghz": ghz,
         "clock_source": clock_source,
         "isa": isa,
+        "isa_cap": isa_cap,
         "fp32_flops_per_cycle_per_core": flops_per_cycle,
         "derivation": (f"{lanes} fp32 lanes ({isa}) x {fma} FLOP per {'FMA' if fma == 2 else 'op'} x {units} "
                        f"{'FMA ' if fma == 2 else ''}unit(s) per core = {flops_per_cycle} FLOP/cycle/core"
@@ -331,7 +343,20 @@ def openvino_runner(variant: str, args, export: Callable[[str], object], workdir
         return segmenter(pixel_values=x).logits
 
     run.segmenter = segmenter  # for the video figures
+    run.kernels = lambda: convolution_kernels(segmenter)
     return run
+
+
+def convolution_kernels(segmenter: OpenVinoSegmenter) -> dict[str, int]:
+    """How many convolutions of the compiled models run on each oneDNN kernel (`brgconv_avx512_core_vnni_I8`,
+    `jit_avx2_f32`...): the instruction set and precision the plugin actually chose."""
+    counts = Counter()
+    for compiled in segmenter.compiled_models.values():
+        for op in compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) == "Convolution":
+                counts[info["primitiveType"].astype(str)] += 1
+    return dict(counts)
 
 
 def video_frames_per_second(segmenter, args, workdir: Path) -> dict:
@@ -388,6 +413,8 @@ def benchmark_model(name: str, model: nn.Module, loss_fn, args, inputs, labels, 
             figures.update(latency_ms=latency * 1e3, latency_runs_ms=[t * 1e3 for t in latency_runs],
                            throughput=args.batch_size / step, batch_runs_ms=[t * 1e3 for t in step_runs],
                            warmup_seconds=warm + warm_batch)
+            if hasattr(run, "kernels"):
+                figures["convolution_kernels"] = run.kernels()
             if video_segmenters and hasattr(run, "segmenter"):
                 video_segmenters[variant] = run.segmenter
         except Exception as error:  # noqa: BLE001 - one variant failing must not lose the others
@@ -491,7 +518,9 @@ def add_ratios(results: list[dict], peak: float | None, int8_peak: float | None 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    command = " ".join(["python benchmarks/bench_cpu.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    caps = [f"{name}={os.environ[name]}" for name in ISA_CAP_VARIABLES if os.environ.get(name)]
+    command = " ".join([*caps, "python benchmarks/bench_cpu.py",
+                        *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
     inputs = torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=generator)

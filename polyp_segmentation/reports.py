@@ -84,6 +84,18 @@ def render_performance(report: dict) -> str:
                          "predict.py's video path: decoding, the model, drawing and encoding overlapped): "
                          + "; ".join(f"{variant} {figures['frames_per_second']:.1f} frames/s"
                                      for variant, figures in video.items()) + ".")
+    ours_variants = report["results"][0]["variants"]
+    kernels = {variant: figures["convolution_kernels"] for variant, figures in ours_variants.items()
+               if figures.get("convolution_kernels")}
+    if kernels:
+        notes.append("OpenVINO's kernels for this model's convolutions (the instruction set and precision its CPU "
+                     "plugin chose): " + "; ".join(
+                         f"{variant}: " + ", ".join(f"{name} x{count}" for name, count in sorted(used.items()))
+                         for variant, used in kernels.items()) + ".")
+    if cpu.get("isa_cap"):
+        notes.append(f"Instruction sets capped with `ONEDNN_MAX_CPU_ISA={cpu['isa_cap']}` (and `OV_CPU_MAX_ISA`), "
+                     "a stand-in for a CPU without them: oneDNN in PyTorch and OpenVINO dispatch as on such a CPU; "
+                     "ONNX Runtime ignores the cap. The peaks are the capped ISA's.")
     if cpu.get("int8_peak_gops"):
         notes.append(f"int8 peak of {threads} core(s): {cpu['int8_peak_gops']:.0f} GOP/s ({cpu['int8_derivation']}).")
     interleaved = report["interleaved_eager_latency_ms"]

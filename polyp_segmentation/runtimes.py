@@ -85,12 +85,16 @@ class OnnxSegmenter(_ExportedSegmenter):
 
 class OpenVinoSegmenter(_ExportedSegmenter):
     """An OpenVINO model on the CPU, compiled once per input shape: a graph of fixed shape lets the CPU plugin pick
-    its int8 kernels ahead of time, and a video or a folder of frames at the processor's size uses one shape."""
+    its int8 kernels ahead of time, and a video or a folder of frames at the processor's size uses one shape.
+
+    What is not int8 runs in float32: left to itself, the CPU plugin runs float layers in bf16 on CPUs that have it
+    (AVX512_BF16, AMX) and in float32 elsewhere, so the same model would answer differently from machine to machine
+    and differ from what export_openvino.py checked."""
 
     def __init__(self, path: str | Path, device: str = "CPU", config: dict | None = None):
         openvino = import_openvino()
         self.path, self.device = path, device
-        self.config = {"PERFORMANCE_HINT": "LATENCY", **(config or {})}
+        self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", **(config or {})}
         self.core = openvino.Core()
         try:
             self.model = self.core.read_model(str(path))
@@ -107,14 +111,14 @@ class OpenVinoSegmenter(_ExportedSegmenter):
             section = self.model.get_rt_info([OPENVINO_METADATA_SECTION]).astype(dict)
             self.metadata = {key: value.astype(str) for key, value in section.items()}
         self.input_name = self.model.inputs[0].get_any_name()
-        self._compiled = {}
+        self.compiled_models = {}
 
     def compiled_for(self, shape: tuple[int, ...]):
-        if shape not in self._compiled:
+        if shape not in self.compiled_models:
             model = self.model.clone()
             model.reshape({self.input_name: list(shape)})
-            self._compiled[shape] = self.core.compile_model(model, self.device, self.config)
-        return self._compiled[shape]
+            self.compiled_models[shape] = self.core.compile_model(model, self.device, self.config)
+        return self.compiled_models[shape]
 
     def __call__(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> SemanticSegmenterOutput:
         compiled = self.compiled_for(tuple(pixel_values.shape))

@@ -25,7 +25,7 @@ def test_tiny_benchmark_writes_json_and_prints_the_table(tmp_path):
     # torch.compile traces the models without Inductor's compiler.
     result = run_bench("--tiny", "--resolution", "32", "--batch_size", "2", "--repeats", "2", "--warmup", "1",
                        "--threads", "1", "--compile_backend", "eager", "--skip", "onnxruntime", "openvino",
-                       "openvino_int8", "video", "--output_json", output_json)
+                       "openvino_int8", "pytorch_int8", "video", "--output_json", output_json)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
 
     report = json.loads(output_json.read_text())
@@ -64,18 +64,29 @@ def test_tiny_benchmark_has_the_int8_rows_and_the_video_figures(tmp_path):
     from polyp_segmentation.reports import render_performance
 
     output_json = tmp_path / "bench.json"
+    # PyTorch's int8 path runs where torchao is installed (requirements-bench.txt), compiled by the `eager` backend:
+    # Inductor's C++ build of it is the full benchmark's.
     result = run_bench("--tiny", "--resolution", "32", "--batch_size", "2", "--repeats", "2", "--warmup", "1",
-                       "--threads", "1", "--video_frames", "6", "--output_json", output_json, "--skip", "smp",
-                       "monai", "channels_last", "channels_last_medium", "compile", "onnxruntime", "training")
+                       "--threads", "1", "--video_frames", "6", "--compile_backend", "eager", "--output_json",
+                       output_json, "--skip", "smp", "monai", "channels_last", "channels_last_medium", "compile",
+                       "onnxruntime", "training")
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
 
     report = json.loads(output_json.read_text())
     assert report["machine"]["int8_ops_per_cycle_per_core"] >= 2 * report["machine"]["fp32_flops_per_cycle_per_core"]
     (ours,) = report["results"]
-    assert set(ours["variants"]) == {"eager", "openvino", "openvino_int8"}
+    has_torchao = _importable("torchao")
+    assert set(ours["variants"]) == {"eager", "openvino", "openvino_int8", *(["pytorch_int8"] if has_torchao else [])}
+    if not has_torchao:
+        assert any("pytorch_int8 skipped: torchao is not installed" in note for note in report["notes"])
     for variant, figures in ours["variants"].items():
         assert "error" not in figures, (variant, figures.get("error"))
         assert figures["latency_ms"] > 0 and figures["throughput"] > 0
+    # What OpenVINO ran: float32 kernels for the float32 model (never bf16, which the plugin would pick by itself on
+    # CPUs that have it), int8 ones in the int8 model.
+    float_kernels, int8_kernels = (ours["variants"][v]["convolution_kernels"] for v in ("openvino", "openvino_int8"))
+    assert float_kernels and all(name.lower().endswith("f32") for name in float_kernels), float_kernels
+    assert any(name.lower().endswith(("i8", "u8")) for name in int8_kernels), int8_kernels
     if report["machine"]["ghz"]:
         assert "fraction_of_int8_peak" in ours["variants"]["openvino_int8"]
         assert "fraction_of_peak" in ours["variants"]["openvino"]
