@@ -11,6 +11,8 @@ does it (training frames only). `polyp_segmentation.quantization.FLOAT32_LAYERS`
 """
 
 import argparse
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -79,7 +81,8 @@ def main(argv=None) -> dict:
     validation, validation_masks = frames(splits["validation"], resolution, normalization)
     polyp_free, _ = frames(negatives["validation"], resolution, normalization)
     threshold = model.config.threshold
-    report = {"command": "python benchmarks/int8_layers.py", "settings": vars(args), "candidates": {},
+    command = ["python benchmarks/int8_layers.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
+    report = {"command": " ".join(command), "settings": vars(args), "candidates": {},
               "float32_validation_mean_dice": mean_dice(model, validation, validation_masks, threshold)}
     with tempfile.TemporaryDirectory() as work:
         onnx_path = export_model(model, Path(work) / "model.onnx", source=args.model)
