@@ -316,7 +316,8 @@ def pytorch_int8_runner(module: nn.Module, args, inputs: torch.Tensor):
     compiled = torch.compile(quantized, backend=args.compile_backend, dynamic=False)
 
     def run(x):
-        # Inductor compiles on the first call of each shape; freezing must be on then.
+        # Inductor compiles on the first call of each shape, and freezing must be on then (as PyTorch's x86 int8
+        # tutorial sets it; `torch.compile(options={"freezing": True})` leaves oneDNN's weight packing unlowered).
         with torch._inductor.config.patch(freezing=True):
             return compiled(x)
 
