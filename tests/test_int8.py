@@ -58,6 +58,23 @@ def test_int8_export_of_the_shipped_weights_passes_its_check(int8_model):
 
 
 @pytest.mark.slow
+def test_what_is_not_int8_runs_in_float32_on_every_cpu(int8_model):
+    """OpenVINO's CPU plugin would run the float layers in bf16 where the CPU has it, and answer otherwise than on
+    other CPUs and than the export's check."""
+    import openvino
+    import torch
+
+    from polyp_segmentation.runtimes import OpenVinoSegmenter
+
+    segmenter = OpenVinoSegmenter(int8_model)
+    segmenter(pixel_values=torch.rand(1, 3, 64, 64))
+    (compiled,) = segmenter.compiled_models.values()
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
+    kernels = {op.get_rt_info()["primitiveType"].astype(str) for op in compiled.get_runtime_model().get_ops()}
+    assert not [kernel for kernel in kernels if "bf16" in kernel.lower()], kernels
+
+
+@pytest.mark.slow
 def test_predict_with_the_int8_model_writes_what_float32_writes(int8_model, kvasir_root, test_split_names, tmp_path):
     frames = tmp_path / "frames"
     frames.mkdir()
