@@ -296,19 +296,41 @@ def plot_training_curves(stage: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def frames_at_ranks(ranked: list[dict], num_examples: int, samples: dict, not_found: str) -> list[tuple[int, dict]]:
+    """`num_examples` entries of `ranked` at evenly spaced ranks, first and last included, as (rank, entry). Refuses,
+    naming them, entries whose frame is not in `samples`: `not_found` is the message, with `{names}` in it."""
+    ranks = np.linspace(0, len(ranked) - 1, num_examples).round().astype(int)
+    missing = [ranked[rank]["name"] for rank in ranks if ranked[rank]["name"] not in samples]
+    if missing:
+        raise ValueError(not_found.format(names=", ".join(missing)))
+    return [(int(rank), ranked[rank]) for rank in ranks]
+
+
+def save_panels(panels: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, str]], height: float, path: Path) -> None:
+    """One row of (frame, what the model marks, ground truth or None, title) panels: marks in green, truth outlined."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), height))
+    for axis, (frame, marked, truth, title) in zip(np.atleast_1d(axes), panels):
+        axis.imshow(overlay_mask(frame, marked))
+        if truth is not None:
+            axis.contour(truth, levels=[0.5], colors="blue", linewidths=1.2)
+        axis.set_title(title, fontsize=10)
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_test_predictions(dataset_name: str, test: dict, num_examples: int, path: Path) -> None:
     """Test frames across the range of Dice (worst, evenly spaced ranks, best), not only good ones: ranked by the
     per-image Dice of `eval/test.json`, so the figure shows the frames behind the card's table."""
     ranked = sorted(test["per_image"], key=lambda image: image["dice"])
-    chosen = [ranked[rank] for rank in np.linspace(0, len(ranked) - 1, num_examples).round().astype(int)]
     samples = {sample.name: sample for sample in load_local_splits(dataset_name)[0]["test"]}
-    missing = [image["name"] for image in chosen if image["name"] not in samples]
-    if missing:
-        raise ValueError(f"{dataset_name}: test frame(s) {', '.join(missing)} of eval/test.json are not in its test "
-                         "split: evaluate_model.py ran on other data.")
+    chosen = frames_at_ranks(ranked, num_examples, samples,
+                             f"{dataset_name}: test frame(s) {{names}} of eval/test.json are not in its test split: "
+                             "evaluate_model.py ran on other data.")
     model, processor = load_model_and_processor(REPO_ROOT)
-    fig, axes = plt.subplots(1, num_examples, figsize=(3 * num_examples, 3.4))
-    for axis, image in zip(np.atleast_1d(axes), chosen):
+    panels = []
+    for rank, image in chosen:
         frame, truth = decode_sample(samples[image["name"]], resolution=test["resolution"])
         frame = frame.permute(1, 2, 0).numpy()
         with torch.inference_mode():
@@ -320,15 +342,9 @@ def plot_test_predictions(dataset_name: str, test: dict, num_examples: int, path
         if abs(dice - image["dice"]) > 0.01:
             raise ValueError(f"{image['name']}: Dice {dice:.3f} here but {image['dice']:.3f} in eval/test.json: "
                              "run evaluate_model.py again on these weights.")
-        axis.imshow(overlay_mask(frame, prediction))
-        axis.contour(truth, levels=[0.5], colors="blue", linewidths=1.2)
-        rank = ranked.index(image)
         place = "worst" if rank == 0 else "best" if rank == len(ranked) - 1 else f"rank {rank + 1}/{len(ranked)}"
-        axis.set_title(f"{place}: Dice {image['dice']:.3f}", fontsize=10)
-        axis.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        panels.append((frame, prediction, truth, f"{place}: Dice {image['dice']:.3f}"))
+    save_panels(panels, 3.4, path)
 
 
 def plot_polyp_free_predictions(negative_dataset_name: str, validation: dict, num_examples: int,
@@ -341,15 +357,13 @@ def plot_polyp_free_predictions(negative_dataset_name: str, validation: dict, nu
         raise ValueError("eval/validation.json holds no per-frame figures of the polyp-free frames: run "
                          "evaluate_model.py --negative_dataset_name again.")
     ranked = sorted(scored["per_image"], key=lambda image: (image["marked_fraction"], image["polyp_score"]))
-    chosen = [ranked[rank] for rank in np.linspace(0, len(ranked) - 1, num_examples).round().astype(int)]
     samples = {sample.name: sample for sample in load_negative_splits(negative_dataset_name)["validation"]}
-    missing = [image["name"] for image in chosen if image["name"] not in samples]
-    if missing:
-        raise ValueError(f"{negative_dataset_name}: frame(s) {', '.join(missing)} of eval/validation.json are not in "
-                         "its validation split: evaluate_model.py ran on other polyp-free frames.")
+    chosen = frames_at_ranks(ranked, num_examples, samples,
+                             f"{negative_dataset_name}: frame(s) {{names}} of eval/validation.json are not in its "
+                             "validation split: evaluate_model.py ran on other polyp-free frames.")
     model, processor = load_model_and_processor(REPO_ROOT)
-    fig, axes = plt.subplots(1, num_examples, figsize=(3 * num_examples, 3.6))
-    for axis, image in zip(np.atleast_1d(axes), chosen):
+    panels = []
+    for _, image in chosen:
         frame = decode_sample(samples[image["name"]], resolution=validation["resolution"])[0].permute(1, 2, 0).numpy()
         with torch.inference_mode():
             logits = model(**processor(images=frame, return_tensors="pt")).logits
@@ -357,14 +371,10 @@ def plot_polyp_free_predictions(negative_dataset_name: str, validation: dict, nu
         if abs(marked.mean() - image["marked_fraction"]) > 0.01:
             raise ValueError(f"{image['name']}: {marked.mean():.1%} marked here but {image['marked_fraction']:.1%} in "
                              "eval/validation.json: run evaluate_model.py again on these weights.")
-        axis.imshow(overlay_mask(frame, marked))
         verdict = "polyp" if image["polyp_present"] else "no polyp"
-        axis.set_title(f"marked {image['marked_fraction']:.1%}\nscore {image['polyp_score']:.2f}: {verdict}",
-                       fontsize=10)
-        axis.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        panels.append((frame, marked, None,
+                       f"marked {image['marked_fraction']:.1%}\nscore {image['polyp_score']:.2f}: {verdict}"))
+    save_panels(panels, 3.6, path)
 
 
 def update_document(path: Path, blocks: dict[str, str]) -> None:
