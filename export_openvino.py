@@ -134,7 +134,7 @@ def check_against_pytorch(model, candidate, checks: dict[str, list], args) -> di
               f"(worst {summary['worst_frame']}: "
               f"{100 * summary['worst_mask_disagreement']:.2f} %); {len(summary['decision_changes'])} frame-level "
               f"decision(s) changed; largest polyp score difference {summary['largest_polyp_score_difference']:.4f}; "
-              f"frames > 1 % marked: {summary['reference_marked_rate']:.3f} float32, "
+              f"frames > 1 % marked after the presence gate: {summary['reference_marked_rate']:.3f} float32, "
               f"{summary['candidate_marked_rate']:.3f} {args.precision}")
         # On polyp-free frames the float32 model's probabilities hover near the threshold over large areas where
         # it marks anything at all, so pixels flip there: what must hold is the frame-level decision.

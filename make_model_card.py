@@ -91,13 +91,16 @@ def stage_started(stage: dict) -> datetime:
     return datetime.strptime(stage["invocations"][0]["started"], "%Y-%m-%dT%H:%M:%S%z")
 
 
-def replace_block(text: str, name: str, content: str) -> str:
+def read_block(text: str, name: str) -> str:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in text or end not in text:
         raise ValueError(f"The document has no {start} ... {end} block.")
-    before, rest = text.split(start, 1)
-    _, after = rest.split(end, 1)
-    return f"{before}{start}\n{content.strip()}\n{end}{after}"
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    start = f"<!-- {name}:start -->"
+    return text.replace(start + read_block(text, name), f"{start}\n{content.strip()}\n", 1)
 
 
 def card_data(test: dict) -> ModelCardData:
@@ -162,13 +165,16 @@ def render_status(test: dict, validation: dict, stage: dict) -> str:
     )
 
 
+# How the card names the polyp-free frames of each `negatives` entry of evaluate_model.py's JSON.
+POLYP_FREE_SOURCES = {"negatives": "polyp-free validation frames of another collection",
+                      "own_crops": "polyp-free crops of Kvasir-SEG validation frames"}
+
+
 def render_limitations(validation: dict) -> str:
     negatives = validation.get("negatives")
     if not negatives:
         return "- Not measured on frames without a polyp."
-    kinds = {"negatives": "polyp-free validation frames of another collection",
-             "own_crops": "polyp-free crops of Kvasir-SEG validation frames"}
-    shares = " and ".join(f"{entry['false_alarm_rate']:.0%} of {entry['num_images']} {kinds[key]}"
+    shares = " and ".join(f"{entry['false_alarm_rate']:.0%} of {entry['num_images']} {POLYP_FREE_SOURCES[key]}"
                           for key, entry in negatives.items())
     return (f"- On frames without a polyp, the raw logits (threshold {validation['threshold']}) mark more than 1 % of "
             f"the frame on {shares} (Evaluation below).")
@@ -189,13 +195,7 @@ def render_results(test: dict, test_tta: dict | None, validation: dict, has_figu
         f"{test['resolution']}x{test['resolution']}, threshold {test['threshold']}:\n\n" + "\n".join(lines)
     ]
     if validation.get("negatives"):
-        rows = ["| polyp-free frames | frames | > 1 % marked (raw logits) | any pixel marked | judged polyp-free |",
-                "|---|---:|---:|---:|---:|"]
-        rows += [f"| {e['source']} | {e['num_images']} | {e['false_alarm_rate']:.3f} | {e['any_pixel_rate']:.3f} | "
-                 f"{e['specificity']:.3f} |" for e in validation["negatives"].values()]
-        parts.append(f"Frames without a polyp (presence threshold {validation['presence_threshold']}; frames with a "
-                     f"polyp judged to hold one: {validation['frame_sensitivity']:.3f} of the validation split):\n\n"
-                     + "\n".join(rows))
+        parts.append(render_polyp_free_results(test, validation))
     commands = [r["command"] for _, r in columns]
     parts.append(
         f"Weights sha256 `{test['weights_sha256'][:16]}…`; test file list sha256 `{test['split_sha256'][:16]}…`. "
@@ -213,6 +213,26 @@ def render_results(test: dict, test_tta: dict | None, validation: dict, has_figu
                      f"{validation['threshold']}` marks, above each its share of the frame, the frame's polyp score "
                      "and the decision at the presence threshold.")
     return "\n\n".join(parts)
+
+
+def render_polyp_free_results(test: dict, validation: dict) -> str:
+    """The frame-level decision (polyp score against the presence threshold) and what the raw logits mark on each
+    source of polyp-free frames."""
+    presence_threshold = validation["presence_threshold"]
+    if presence_threshold is None:
+        decision = (f"No presence threshold is set: a frame is judged to hold a polyp where any pixel passes "
+                    f"{validation['threshold']}.")
+    else:
+        decision = (f"At the presence threshold {presence_threshold:.3f} (`config.json`, chosen on the validation "
+                    f"frames) the score finds a polyp in {validation['frame_sensitivity']:.3f} of the validation and "
+                    f"{test['frame_sensitivity']:.3f} of the test frames.")
+    rows = [("| polyp-free frames | frames | > 1 % marked (raw logits) | any pixel marked | judged polyp-free | "
+             "score ROC AUC |"), "|---|---:|---:|---:|---:|---:|"]
+    rows += [f"| {POLYP_FREE_SOURCES[key]} | {e['num_images']} | {e['false_alarm_rate']:.3f} | "
+             f"{e['any_pixel_rate']:.3f} | {e['specificity']:.3f} | {e['roc_auc_max_probability']:.3f} |"
+             for key, e in validation["negatives"].items()]
+    return (f"Frames without a polyp. A frame's polyp score is its highest pixel probability; its ROC AUC is against "
+            f"the validation frames with a polyp. {decision}\n\n" + "\n".join(rows))
 
 
 def render_cpu_speed(report: dict | None) -> str:
@@ -248,13 +268,44 @@ def describe_recipe(config: dict) -> str:
     return ", ".join(parts)
 
 
+def stage_start(invocation: dict) -> str:
+    """What a stage's run started from."""
+    if invocation.get("init_encoder_from"):
+        return "with a new decoder on the previous stage's encoder"
+    return "from the previous stage's weights" if invocation.get("init_from") else "from scratch"
+
+
 def render_training_summary(stage: dict) -> str:
     first = stage["invocations"][0]
-    start = ("a new decoder on the encoder of the weights before it" if first.get("init_encoder_from") else
-             "the weights before it" if first.get("init_from") else "scratch")
     return (f"the shipped weights are the final moving average of one run of `train_accelerate.py` "
-            f"(`training/{stage['name']}/`): {len(stage['epochs'])} epochs from {start}, {describe_recipe(first)}; "
-            f"{stage_hours(stage):.1f} hours on 2 CPU cores.")
+            f"(`training/{stage['name']}/`): {len(stage['epochs'])} epochs {stage_start(first)}, "
+            f"{describe_recipe(first)}; {stage_hours(stage):.1f} hours on 2 CPU cores.")
+
+
+def lineage_row(stage: dict) -> str:
+    first = stage["invocations"][0]
+    recipe = [stage_start(first)]
+    if first.get("train_crop_size"):
+        recipe.append(f"{first['train_crop_size']}px crops")
+    if first.get("train_scale_jitter"):
+        recipe.append("zoom {}-{}".format(*first["train_scale_jitter"]))
+    if first.get("negative_ratio"):
+        recipe.append(f"{first['negative_ratio']:.0%} polyp-free items")
+    if first.get("model_ema_decay"):
+        recipe.append(f"EMA {first['model_ema_decay']}")
+    recipe.append(f"lr {first['learning_rate']}, batch {first['total_batch_size']}")
+    best = best_epoch(stage)
+    return (f"| {stage['name']} | {stage_started(stage):%Y-%m-%d} | {len(stage['epochs'])} | {first['resolution']} | "
+            f"{'; '.join(recipe)} | {stage_hours(stage):.2f} | {best['eval_mean_dice']:.4f} (epoch {best['epoch']}) |")
+
+
+def render_lineage(table: str, stages: list[dict]) -> str:
+    """The lineage table with a generated row per stage in `stages` (those whose logs are in training/), after the
+    table's rows of earlier stages, whose logs have left the tree."""
+    lines = table.strip().splitlines()
+    in_tree = {stage["name"] for stage in stages}
+    earlier = [row for row in lines[2:] if row.split("|")[1].strip() not in in_tree]
+    return "\n".join(lines[:2] + earlier + [lineage_row(stage) for stage in stages])
 
 
 def render_shipped_run(stage: dict) -> str:
@@ -397,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     int8_performance = (json.loads(Path(args.int8_performance_results).read_text())
                         if Path(args.int8_performance_results).is_file() else None)
     # The shipped weights come from the last run in training/.
-    stage = load_stages(Path(args.training_dir))[-1]
+    stages = load_stages(Path(args.training_dir))
+    stage = stages[-1]
     assets = Path(args.assets_dir)
     assets.mkdir(exist_ok=True)
     plot_training_curves(stage, assets / "training_curves.png")
@@ -420,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     update_document(docs / "training.md", {"shipped-run": render_shipped_run(stage)} | (
         {"training-speed": render_training_speed(json.loads(Path(args.training_speed_results).read_text()))}
         if Path(args.training_speed_results).is_file() else {}))
+    lineage = docs / "lineage.md"
+    update_document(lineage, {"lineage": render_lineage(read_block(lineage.read_text(), "lineage"), stages)})
     if Path(args.fit_probe_results).is_file():
         update_document(docs / "architecture.md",
                         {"fit-probe": render_fit_probe(load_jsonl(Path(args.fit_probe_results)))})

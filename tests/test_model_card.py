@@ -151,6 +151,24 @@ def test_card_refuses_a_stage_without_its_commands(tmp_path):
         load_stages(tmp_path)
 
 
+def test_lineage_keeps_the_rows_of_stages_whose_logs_left_the_tree_and_writes_the_others():
+    from make_model_card import render_lineage
+
+    stage = {"name": "stage11", "invocations": [{
+        "started": "2026-12-06T01:23:59+0000", "init_from": ".", "resolution": 256, "train_crop_size": 160,
+        "negative_ratio": 0.5, "learning_rate": 2e-4, "total_batch_size": 16}],
+        "epochs": [{"epoch": e, "eval_mean_dice": d, "eval_loss": 0.2, "data_seconds": 900, "model_seconds": 2700,
+                    "eval_seconds": 0} for e, d in ((1, 0.78), (2, 0.80))]}
+    table = ("| stage | started | epochs | resolution | recipe | hours (CPU) | best validation mDice |\n"
+             "|---|---|---:|---:|---|---:|---:|\n"
+             "| stage9 | 2026-11-26 | 12 | 256 | kept as written | 1.02 | 0.7055 (epoch 6) |\n"
+             "| stage11 | 2026-12-06 | 1 | 256 | an older row | 1.00 | 0.7800 (epoch 1) |")
+    assert render_lineage(table, [stage]).splitlines()[2:] == [
+        "| stage9 | 2026-11-26 | 12 | 256 | kept as written | 1.02 | 0.7055 (epoch 6) |",
+        ("| stage11 | 2026-12-06 | 2 | 256 | from the previous stage's weights; 160px crops; 50% polyp-free items; "
+         "lr 0.0002, batch 16 | 2.00 | 0.8000 (epoch 2) |")]
+
+
 def test_card_leaves_out_epochs_whose_validation_was_not_finite():
     """Non-finite weights score Dice 0 with a NaN loss: such epochs are gaps in the curve, not its best or worst."""
     from make_model_card import best_epoch, curve_shape, validation_dice
@@ -165,7 +183,7 @@ def test_card_leaves_out_epochs_whose_validation_was_not_finite():
     assert curve_shape(stage) == "flattening (best 0.7200 at epoch 5 of 7; last epochs 0.720, 0.715, 0.710)"
 
 
-DOCS = ("training.md", "architecture.md", "performance.md")
+DOCS = ("training.md", "architecture.md", "performance.md", "lineage.md")
 
 
 def run_make_model_card(kvasir_root, nopolyp_root, tmp_path, *extra: str) -> None:
