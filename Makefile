@@ -1,7 +1,7 @@
 # `make demo` segments the bundled example frames with the shipped checkpoint; `make app` serves the Gradio demo on
 # 127.0.0.1 (APP_PORT, default 7860); `make test` runs the whole suite.
 # `make train-cpu` runs (or, run again, resumes) the CPU long run that trains the next weights; `make release` ships
-# its last snapshot. All create .venv and install the pinned requirements first if needed.
+# its best model. All create .venv and install the pinned requirements first if needed.
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -51,19 +51,23 @@ train-cpu: install
 	  --dataset_name $(KVASIR_SEG_DIR) --negative_dataset_name $(NOPOLYP_DIR) --output_dir $(TRAIN_OUTPUT_DIR) \
 	  --resume_from_checkpoint latest --snapshot_dir $(TRAIN_SNAPSHOT_DIR)
 
-# When the long run has ended: its last snapshot (the final EMA weights, stored in fp16 with tensors beyond fp16's range
-# in fp32; config.json's dtype float32 loads them as float32) becomes the shipped model, the run's logs become
-# training/$(RELEASE_STAGE), and the card's figures are measured again and regenerated.
-RELEASE_FROM ?= $(TRAIN_SNAPSHOT_DIR)
+# When the long run has ended: its best model (the epoch with the best `selection_score`: validation mDice and the
+# polyp-free frames left quiet) becomes the shipped model, stored in fp16 with tensors beyond fp16's range in fp32
+# (config.json's dtype float32 loads them as float32); the run's logs become training/$(RELEASE_STAGE), and the card's
+# figures are measured again and regenerated.
+RELEASE_FROM ?= $(TRAIN_OUTPUT_DIR)
 RELEASE_STAGE ?= stage11
 EVALUATE = $(BIN)/python evaluate_model.py --model . --dataset_name $(KVASIR_SEG_DIR)
 # The share of validation frames with a polyp that the presence threshold must still judge to hold one.
 PRESENCE_SENSITIVITY ?= 0.98
 
 release: install
-	cp $(RELEASE_FROM)/model.safetensors $(RELEASE_FROM)/config.json .
+	$(BIN)/python -c 'import sys; from polyp_segmentation.checkpoints import store_weights_in_float16; \
+	  store_weights_in_float16(*sys.argv[1:])' $(RELEASE_FROM)/model.safetensors model.safetensors
+	cp $(RELEASE_FROM)/config.json .
 	mkdir -p training/$(RELEASE_STAGE)
-	cp $(RELEASE_FROM)/metrics.jsonl $(RELEASE_FROM)/invocations.jsonl training/$(RELEASE_STAGE)/
+	cp $(RELEASE_FROM)/metrics.jsonl $(RELEASE_FROM)/invocations.jsonl $(RELEASE_FROM)/eval_results.json \
+	  training/$(RELEASE_STAGE)/
 	$(EVALUATE) --split validation --negative_dataset_name $(NOPOLYP_DIR) \
 	  --choose_presence_threshold $(PRESENCE_SENSITIVITY) --output_json eval/validation.json
 	$(EVALUATE) --split test --output_json eval/test.json

@@ -10,7 +10,8 @@
 The card is `docs/model_card_template.md` filled in through `huggingface_hub.ModelCard`, its metadata (the
 `model-index` included) made by `ModelCardData` and `EvalResult` from `eval/test.json`; its status, results and
 training summary come from `eval/*.json` (written by evaluate_model.py for the weights at the root; `test_tta.json` is
-optional) and `training/<stage>/` (the shipped run's `metrics.jsonl` and `invocations.jsonl`). In docs/, it rewrites
+optional) and `training/<stage>/` (the shipped run's `metrics.jsonl` and `invocations.jsonl`, and its best model's
+`eval_results.json`, which names the shipped epoch; without it, the last epoch was shipped). In docs/, it rewrites
 the shipped run's recipe and the training speed (`docs/training.md`, from `benchmarks/train_cpu.json`), the fit-probe
 table (`docs/architecture.md`, from `benchmarks/fit_probe.jsonl`) and the performance table (`docs/performance.md`,
 from `benchmarks/cpu.json`); and the figures in `assets/`. Nothing in those parts is typed by hand.
@@ -83,7 +84,10 @@ def load_stages(training_dir: Path) -> list[dict]:
         invocations = load_jsonl(folder / "invocations.jsonl")
         if not invocations:
             raise ValueError(f"{folder / 'invocations.jsonl'} is empty: copy it from the stage's --output_dir.")
-        stages.append({"name": folder.name, "epochs": load_jsonl(folder / "metrics.jsonl"), "invocations": invocations})
+        epochs = load_jsonl(folder / "metrics.jsonl")
+        best_model = folder / "eval_results.json"
+        shipped = json.loads(best_model.read_text())["epoch"] if best_model.exists() else epochs[-1]["epoch"]
+        stages.append({"name": folder.name, "epochs": epochs, "invocations": invocations, "shipped_epoch": shipped})
     return sorted(stages, key=stage_started)
 
 
@@ -150,7 +154,11 @@ def curve_shape(stage: dict) -> str:
 def schedule_state(stage: dict) -> str:
     planned, done = stage["invocations"][-1]["num_train_epochs"], len(stage["epochs"])
     if done >= planned:
-        return f"That run went through its whole schedule ({planned} epochs)."
+        if stage["shipped_epoch"] == done:
+            return f"That run went through its whole schedule ({planned} epochs)."
+        return (f"That run went through its whole schedule ({planned} epochs); the shipped weights are its epoch "
+                f"{stage['shipped_epoch']}, the best on validation mDice and polyp-free frames left quiet together "
+                "(`selection_score`).")
     return f"These weights are from epoch {done} of that run's {planned}-epoch schedule, which goes on."
 
 
@@ -277,8 +285,9 @@ def stage_start(invocation: dict) -> str:
 
 def render_training_summary(stage: dict) -> str:
     first = stage["invocations"][0]
-    return (f"the shipped weights are the final moving average of one run of `train_accelerate.py` "
-            f"(`training/{stage['name']}/`): {len(stage['epochs'])} epochs {stage_start(first)}, "
+    return (f"the shipped weights are the moving average of the weights at the end of epoch {stage['shipped_epoch']} "
+            f"of one run of `train_accelerate.py` (`training/{stage['name']}/`): {len(stage['epochs'])} epochs "
+            f"{stage_start(first)}, "
             f"{describe_recipe(first)}; {stage_hours(stage):.1f} hours on 2 CPU cores.")
 
 
@@ -313,8 +322,9 @@ def render_shipped_run(stage: dict) -> str:
     # A resumed run repeats its command; each distinct one is shown once, in the order first run.
     commands = list(dict.fromkeys(i["command"] for i in stage["invocations"]))
     return (f"**{stage['name']}**: {len(stage['epochs'])} epochs, {describe_recipe(stage['invocations'][0])}; "
-            f"{stage_hours(stage):.2f} h in {len(stage['invocations'])} sittings; best validation mDice "
-            f"{best['eval_mean_dice']:.4f} at epoch {best['epoch']}. Its commands, in the order they first ran:\n\n"
+            f"{stage_hours(stage):.2f} h in {len(stage['invocations'])} sitting{'s' * (len(stage['invocations']) != 1)}; best validation mDice "
+            f"{best['eval_mean_dice']:.4f} at epoch {best['epoch']}; shipped: epoch "
+            f"{stage['shipped_epoch']}. Its commands, in the order they first ran:\n\n"
             "```bash\n" + "\n".join(commands) + "\n```")
 
 
@@ -327,7 +337,10 @@ def count_parameters(weights: Path) -> float:
 def plot_training_curves(stage: dict, path: Path) -> None:
     epochs = stage["epochs"]
     x = [e["epoch"] for e in epochs]
-    fig, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    false_alarms = [e.get("eval_negatives_false_alarm_rate", float("nan")) for e in epochs]
+    panels = 2 if np.isnan(false_alarms).all() else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
+    loss_axis, dice_axis = axes[:2]
     loss_axis.plot(x, [e["train_loss"] for e in epochs], label="training loss")
     loss_axis.plot(x, [e["eval_loss"] for e in epochs], label="validation loss")
     dice_axis.plot(x, [validation_dice(e) for e in epochs], color="tab:green", label="validation mean Dice")
@@ -335,9 +348,14 @@ def plot_training_curves(stage: dict, path: Path) -> None:
     subset = [validation_dice(e, "train_eval") if "train_eval_loss" in e else float("nan") for e in epochs]
     if not np.isnan(subset).all():
         dice_axis.plot(x, subset, color="tab:blue", label="training subset mean Dice")
-    # Both curves fall (loss) or rise (Dice) from left to right, leaving those corners free for the legend.
-    for axis, title, corner in ((loss_axis, "BCE + Dice loss", "upper right"),
-                                (dice_axis, "mean Dice", "lower right")):
+    # Both curves fall (loss, false alarms) or rise (Dice) from left to right, leaving those corners for the legend.
+    titles = [(loss_axis, "BCE + Dice loss", "upper right"), (dice_axis, "mean Dice", "lower right")]
+    if panels == 3:
+        axes[2].plot(x, false_alarms, color="tab:red", label="polyp-free validation frames > 1 % marked")
+        titles.append((axes[2], "false alarms", "upper right"))
+    for axis, title, corner in titles:
+        if stage["shipped_epoch"] != x[-1]:
+            axis.axvline(stage["shipped_epoch"], color="grey", linestyle="--", label="shipped epoch")
         axis.set_xlabel("epoch")
         axis.set_title(title)
         axis.grid(alpha=0.3)

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import load as accelerate_load
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_file, save_model
 from timm.utils import ModelEmaV3
 
 from polyp_segmentation.metrics import format_table
@@ -137,6 +137,22 @@ def load_checkpoint(
     return state
 
 
+def cast_within_range(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state_dict` with its floating-point tensors in `dtype`, but for those beyond `dtype`'s range: cast, they would
+    be saved as inf. BatchNorm's running variance after the concatenation of ConvNeXt's last features passes fp16's
+    65504."""
+    limit = torch.finfo(dtype).max
+    return {name: t.to(dtype) if t.is_floating_point() and (t.numel() == 0 or t.abs().max() <= limit) else t
+            for name, t in state_dict.items()}
+
+
+def store_weights_in_float16(source: str | Path, target: str | Path) -> None:
+    """Rewrites the safetensors file `source` as `target` with fp16 storage where it fits (`cast_within_range`): the
+    shipped weights are stored so, and a config's dtype float32 loads them as float32."""
+    tensors = load_file(str(source))
+    save_file(cast_within_range(tensors, torch.float16), str(target), metadata={"format": "pt"})
+
+
 def save_model_folder(accelerator: Accelerator, model, processor, folder: Path, what: str,
                       extra_files: dict[str, str], dtype: torch.dtype | None = None) -> None:
     """Writes `model` (in `dtype`, if given), `processor` and `extra_files` (name -> text) into `folder`, a loadable
@@ -147,11 +163,7 @@ def save_model_folder(accelerator: Accelerator, model, processor, folder: Path, 
     if not accelerator.is_main_process:
         return
     if dtype is not None:
-        # A tensor beyond `dtype`'s range stays as it is: cast, it would be saved as inf. BatchNorm's running variance
-        # after the concatenation of ConvNeXt's last features passes fp16's 65504.
-        limit = torch.finfo(dtype).max
-        state_dict = {name: t.to(dtype) if t.is_floating_point() and (t.numel() == 0 or t.abs().max() <= limit)
-                      else t for name, t in state_dict.items()}
+        state_dict = cast_within_range(state_dict, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".{what.replace(' ', '_')}.partial"
     shutil.rmtree(staging, ignore_errors=True)

@@ -151,6 +151,24 @@ def test_card_refuses_a_stage_without_its_commands(tmp_path):
         load_stages(tmp_path)
 
 
+def test_card_names_the_shipped_epoch_from_the_best_models_results_or_else_the_last(tmp_path):
+    from make_model_card import load_stages, schedule_state
+
+    write_stage(tmp_path, "stage11", "2026-12-07T07:05:00+0000")
+    folder = tmp_path / "stage11"
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "eval_mean_dice": 0.5}) + "\n"
+                                                  for e in (1, 2, 3)))
+    with open(folder / "invocations.jsonl", "w") as f:
+        f.write(json.dumps({"started": "2026-12-07T07:05:00+0000", "command": "run", "num_train_epochs": 3}) + "\n")
+    [stage] = load_stages(tmp_path)
+    assert stage["shipped_epoch"] == 3
+    assert schedule_state(stage) == "That run went through its whole schedule (3 epochs)."
+    (folder / "eval_results.json").write_text(json.dumps({"epoch": 2, "eval": {"mean_dice": 0.5}}))
+    [stage] = load_stages(tmp_path)
+    assert stage["shipped_epoch"] == 2
+    assert "the shipped weights are its epoch 2" in schedule_state(stage)
+
+
 def test_lineage_keeps_the_rows_of_stages_whose_logs_left_the_tree_and_writes_the_others():
     from make_model_card import render_lineage
 

@@ -338,6 +338,24 @@ def test_snapshot_keeps_tensors_beyond_fp16_range_in_fp32(tmp_path):
     assert saved["decoder.blocks.0.conv1.conv.weight"].dtype == torch.float16
 
 
+def test_released_weights_are_stored_in_fp16_but_for_tensors_beyond_its_range(tmp_path):
+    from safetensors.torch import save_file
+
+    from polyp_segmentation.checkpoints import store_weights_in_float16
+
+    model = make_model(**TINY_OVERRIDES)
+    model.decoder.blocks[0].conv1.norm.running_var[0] = 1e6
+    source = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(source, tmp_path / "best.safetensors")
+    store_weights_in_float16(tmp_path / "best.safetensors", tmp_path / "model.safetensors")
+    saved = load_file(tmp_path / "model.safetensors")
+    assert saved.keys() == source.keys()
+    assert saved["decoder.blocks.0.conv1.norm.running_var"].dtype == torch.float32
+    assert saved["decoder.blocks.0.conv1.norm.running_var"][0] == 1e6
+    assert torch.equal(saved["decoder.blocks.0.conv1.conv.weight"], source["decoder.blocks.0.conv1.conv.weight"].half())
+    assert saved["decoder.blocks.0.conv1.norm.num_batches_tracked"].dtype == torch.int64
+
+
 def test_continuing_from_the_snapshot_of_an_ended_run_says_so(model_ema_run, kvasir_root, tmp_path):
     with pytest.raises(AssertionError, match="Epoch 2 to start from .* the run has ended"):
         run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--resume_from_checkpoint", "latest",
