@@ -582,8 +582,8 @@ def finish_run(args: argparse.Namespace, accelerator: Accelerator, model, state:
     first_epoch = state.get("first_epoch", 1)
     scope = "" if first_epoch == 1 else (f" of epochs {first_epoch}-{num_train_epochs} (this run went on from saved "
                                          f"weights at epoch {first_epoch - 1}; {METRICS_FILE} has every epoch)")
-    logger.info(f"Best validation mDice {state['best_dice']:.4f} at epoch {state['best_epoch']}{scope}; model in "
-                f"{args.output_dir}.")
+    logger.info(f"Best epoch {state['best_epoch']}{scope} (validation mDice {state['best_dice']:.4f}, "
+                f"selection score {state.get('best_score', state['best_dice']):.4f}); model in {args.output_dir}.")
 
 
 def main(argv: list[str] | None = None) -> None:
