@@ -321,10 +321,11 @@ def render_shipped_run(stage: dict) -> str:
     best = best_epoch(stage)
     # A resumed run repeats its command; each distinct one is shown once, in the order first run.
     commands = list(dict.fromkeys(i["command"] for i in stage["invocations"]))
+    sittings = len(stage["invocations"])
     return (f"**{stage['name']}**: {len(stage['epochs'])} epochs, {describe_recipe(stage['invocations'][0])}; "
-            f"{stage_hours(stage):.2f} h in {len(stage['invocations'])} sitting{'s' * (len(stage['invocations']) != 1)}; best validation mDice "
-            f"{best['eval_mean_dice']:.4f} at epoch {best['epoch']}; shipped: epoch "
-            f"{stage['shipped_epoch']}. Its commands, in the order they first ran:\n\n"
+            f"{stage_hours(stage):.2f} h in {sittings} sitting{'s' * (sittings != 1)}; best validation mDice "
+            f"{best['eval_mean_dice']:.4f} at epoch {best['epoch']}; shipped: epoch {stage['shipped_epoch']}. Its "
+            "commands, in the order they first ran:\n\n"
             "```bash\n" + "\n".join(commands) + "\n```")
 
 
