@@ -204,7 +204,9 @@ def render_results(test: dict, test_tta: dict | None, validation: dict, has_figu
     ]
     if validation.get("negatives"):
         parts.append(render_polyp_free_results(test, validation))
-    commands = [r["command"] for _, r in columns]
+    # The int8 model is a build output, not in the repository: its evaluation needs the export first.
+    commands = [(f"make int8  # builds {r['openvino']} with export_openvino.py and runs:\n" if r.get("openvino") else "")
+                + r["command"] for _, r in columns]
     parts.append(
         f"Weights sha256 `{test['weights_sha256'][:16]}…`; test file list sha256 `{test['split_sha256'][:16]}…`. "
         "Reproduce (the tables are generated from the JSON these write):\n\n```bash\n" + "\n".join(commands)
