@@ -19,6 +19,7 @@ from `benchmarks/cpu.json`); and the figures in `assets/`. Nothing in those part
 
 import argparse
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -279,10 +280,17 @@ def describe_recipe(config: dict) -> str:
 
 
 def stage_start(invocation: dict) -> str:
-    """What a stage's run started from."""
+    """What a stage's run started from: the weights at the root (the previous stage's), or a folder named after an
+    earlier stage whose weights were taken from git (`git archive <commit>`)."""
     if invocation.get("init_encoder_from"):
         return "with a new decoder on the previous stage's encoder"
-    return "from the previous stage's weights" if invocation.get("init_from") else "from scratch"
+    if not invocation.get("init_from"):
+        return "from scratch"
+    init_from = invocation["init_from"]
+    if init_from == ".":
+        return "from the previous stage's weights"
+    folder = Path(init_from).name
+    return f"from {folder}'s weights" if re.fullmatch(r"stage\d+", folder) else f"from the weights in `{init_from}`"
 
 
 def render_training_summary(stage: dict) -> str:

@@ -187,6 +187,18 @@ def test_lineage_keeps_the_rows_of_stages_whose_logs_left_the_tree_and_writes_th
          "lr 0.0002, batch 16 | 2.00 | 0.8000 (epoch 2) |")]
 
 
+def test_lineage_names_the_earlier_stage_a_run_started_from():
+    """A stage that starts from an older stage's weights (a folder of that commit's files named after it), not from
+    the weights at the root, says which."""
+    from make_model_card import stage_start
+
+    assert stage_start({"init_from": "."}) == "from the previous stage's weights"
+    assert stage_start({"init_from": "/work/stage10"}) == "from stage10's weights"
+    assert stage_start({"init_from": "runs/other"}) == "from the weights in `runs/other`"
+    assert stage_start({"init_from": ".", "init_encoder_from": "."}) == "with a new decoder on the previous stage's encoder"
+    assert stage_start({"init_from": None}) == "from scratch"
+
+
 def test_card_leaves_out_epochs_whose_validation_was_not_finite():
     """Non-finite weights score Dice 0 with a NaN loss: such epochs are gaps in the curve, not its best or worst."""
     from make_model_card import best_epoch, curve_shape, validation_dice
