@@ -65,11 +65,14 @@ from polyp_segmentation.training import (
     selection_score,
     train_one_epoch,
     validate,
+    validate_polyp_free,
 )
 
 logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent
+# The polyp-free validation sets: --negative_dataset_name's validation split, and crops of the validation frames.
+NEGATIVE_EVAL_SETS = ("eval_negatives_dataset", "eval_negatives_crops")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -397,13 +400,11 @@ def build_datasets(args: argparse.Namespace, processor, augment_on_device: bool 
     # Same samples and seed, so the full-frame epochs draw their flips, rotations and colours as the cropped ones do.
     train_full_frame = training_dataset(None) if args.final_full_frame_epochs else None
     validation = PolypSegmentationDataset(*decoded["validation"], mean, std)
-    validation_negatives = None
-    if args.negative_ratio or args.negative_dataset_name:
-        # The polyp-free frames' validation split and fixed polyp-free crops of the validation frames.
-        frames = negatives["validation"] + polyp_free_crops(*decoded["validation"])[1]
-        validation_negatives = PolypSegmentationDataset(
-            [str(i) for i in range(len(frames))], frames, [torch.zeros(f.shape[-2:], dtype=torch.bool) for f in frames],
-            mean, std)
+    # Polyp-free validation frames, scored per source (NEGATIVE_EVAL_SETS): the negatives' validation split and fixed
+    # polyp-free crops of the validation frames.
+    crops = polyp_free_crops(*decoded["validation"])[1] if args.negative_ratio or args.negative_dataset_name else []
+    validation_negatives = {name: polyp_free_dataset(frames, mean, std)
+                            for name, frames in zip(NEGATIVE_EVAL_SETS, (negatives["validation"], crops))}
     train_eval = None
     if args.train_eval_samples:
         names, images, masks = decoded["train"]
@@ -412,7 +413,15 @@ def build_datasets(args: argparse.Namespace, processor, augment_on_device: bool 
         train_eval = PolypSegmentationDataset([names[i] for i in picked], [images[i] for i in picked],
                                               [masks[i] for i in picked], mean, std)
     return {"train": train, "train_full_frame": train_full_frame, "eval": validation, "train_eval": train_eval,
-            "eval_negatives": validation_negatives}
+            **validation_negatives}
+
+
+def polyp_free_dataset(frames: list[torch.Tensor], mean, std) -> PolypSegmentationDataset | None:
+    """`frames` with empty masks, or `None` for no frames."""
+    if not frames:
+        return None
+    masks = [torch.zeros(frame.shape[-2:], dtype=torch.bool) for frame in frames]
+    return PolypSegmentationDataset([str(i) for i in range(len(frames))], frames, masks, mean, std)
 
 
 def decode_negatives(args: argparse.Namespace) -> dict[str, list[torch.Tensor]]:
@@ -495,7 +504,6 @@ def build_model_ema(args: argparse.Namespace, accelerator: Accelerator, model) -
 def describe_run(args: argparse.Namespace, accelerator: Accelerator, config, datasets: dict, max_train_steps: int,
                  num_train_epochs: int) -> dict:
     """The run's settings, for `invocations.jsonl`, the trackers and the output folder's card."""
-    negatives = datasets["eval_negatives"]
     return {
         "encoder_name": config.encoder_name, "resolution": args.resolution, "train_crop_size": args.train_crop_size,
         "train_scale": args.train_scale, "train_scale_jitter": args.train_scale_jitter,
@@ -510,7 +518,7 @@ def describe_run(args: argparse.Namespace, accelerator: Accelerator, config, dat
         "start_epoch": args.start_epoch, "negative_dataset_name": args.negative_dataset_name,
         "negative_ratio": args.negative_ratio, "own_negative_share": args.own_negative_share,
         "closeup_probability": args.closeup_probability,
-        "num_eval_negatives": len(negatives) if negatives is not None else 0,
+        "num_eval_negatives": sum(len(datasets[name]) for name in NEGATIVE_EVAL_SETS if datasets[name] is not None),
         "num_train_samples": len(datasets["train"]), "num_eval_samples": len(datasets["eval"]),
         "num_processes": accelerator.num_processes, "channels_last": args.channels_last,
         "torch_compile": args.torch_compile, "float32_matmul_precision": torch.get_float32_matmul_precision(),
@@ -540,9 +548,11 @@ def validate_epoch(epoch: int, totals: EpochTotals, model, loaders: dict, accele
     train_metrics, negative_metrics = {}, {}
     if loaders["train_eval"] is not None:
         train_metrics = validate(model, loaders["train_eval"], accelerator, config.threshold, args.channels_last)
-    if loaders["eval_negatives"] is not None:
-        negative_metrics = validate(model, loaders["eval_negatives"], accelerator, config.threshold,
-                                    args.channels_last, polyp_free=True)
+    negative_loaders = {name.removeprefix("eval_negatives_"): loaders[name] for name in NEGATIVE_EVAL_SETS
+                        if loaders[name] is not None}
+    if negative_loaders:
+        negative_metrics = validate_polyp_free(model, negative_loaders, accelerator, config.threshold,
+                                               args.channels_last)
     record = {
         "epoch": epoch + 1, "step": state["completed_steps"], "train_loss": totals.loss,
         "learning_rate": lr_scheduler.get_last_lr()[0],
@@ -560,8 +570,11 @@ def validate_epoch(epoch: int, totals: EpochTotals, model, loaders: dict, accele
         with open(Path(args.output_dir) / METRICS_FILE, "a") as log_file:
             log_file.write(json.dumps(record) + "\n")
     train_eval_text = f", training-subset mDice {train_metrics['mean_dice']:.4f}" if train_metrics else ""
-    negative_text = (f", false alarms on polyp-free frames {negative_metrics['false_alarm_rate']:.3f}"
-                     if negative_metrics else "")
+    negative_text = ""
+    if negative_metrics:
+        by_source = ", ".join(f"{source} {negative_metrics[f'{source}_false_alarm_rate']:.3f}"
+                              for source in negative_loaders)
+        negative_text = f", false alarms on polyp-free frames {negative_metrics['false_alarm_rate']:.3f} ({by_source})"
     logger.info(f"epoch {epoch + 1}: train loss {totals.loss:.4f}{train_eval_text}, validation mDice "
                 f"{metrics['mean_dice']:.4f}, loss {metrics['loss']:.4f}{negative_text}", main_process_only=True)
     return record

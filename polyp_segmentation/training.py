@@ -48,9 +48,10 @@ def dataloader_settings(args: argparse.Namespace, accelerator: Accelerator) -> d
 
 
 @torch.no_grad()
-def validate(model, dataloader, accelerator: Accelerator, threshold: float, channels_last: bool = False,
-             polyp_free: bool = False) -> dict[str, float]:
-    """The metrics of `summarize` and the loss; for `polyp_free` frames, `false_alarm_summary`'s instead."""
+def predict_counts(model, dataloader, accelerator: Accelerator, threshold: float,
+                   channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(N, 4)` confusion counts of every frame of `dataloader`, gathered from all processes, the summed loss
+    (weighted by frames) and the number of frames."""
     was_training = model.training
     model.eval()
     counts, losses, weights = [], [], []
@@ -64,9 +65,29 @@ def validate(model, dataloader, accelerator: Accelerator, threshold: float, chan
         losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float()[None] * batch_size))
         weights.append(accelerator.gather_for_metrics(batch_size))
     model.train(was_training)
-    summary = (false_alarm_summary if polyp_free else summarize)(torch.cat(counts).cpu())
-    summary["loss"] = (torch.cat(losses).sum() / torch.cat(weights).sum()).item()
-    return summary
+    return torch.cat(counts).cpu(), torch.cat(losses).sum().cpu(), torch.cat(weights).sum().cpu()
+
+
+def validate(model, dataloader, accelerator: Accelerator, threshold: float, channels_last: bool = False
+             ) -> dict[str, float]:
+    """The metrics of `summarize` and the loss."""
+    counts, loss_sum, frames = predict_counts(model, dataloader, accelerator, threshold, channels_last)
+    return {**summarize(counts), "loss": (loss_sum / frames).item()}
+
+
+def validate_polyp_free(model, dataloaders: dict[str, object], accelerator: Accelerator, threshold: float,
+                        channels_last: bool = False) -> dict[str, float]:
+    """`false_alarm_summary` and the loss over the polyp-free frames of all `dataloaders` (name -> loader) together,
+    and each loader's own false-alarm rate as `{name}_false_alarm_rate`: sources differ (another centre's frames,
+    crops of the polyp frames), and a target holds for each."""
+    counts, loss_sum, frames, by_source = [], 0.0, 0.0, {}
+    for name, dataloader in dataloaders.items():
+        source_counts, source_loss, source_frames = predict_counts(model, dataloader, accelerator, threshold,
+                                                                   channels_last)
+        by_source[f"{name}_false_alarm_rate"] = false_alarm_summary(source_counts)["false_alarm_rate"]
+        counts.append(source_counts)
+        loss_sum, frames = loss_sum + source_loss, frames + source_frames
+    return {**false_alarm_summary(torch.cat(counts)), "loss": (loss_sum / frames).item(), **by_source}
 
 
 def selection_score(metrics: dict[str, float], negative_metrics: dict[str, float]) -> float:

@@ -162,6 +162,9 @@ def test_training_with_negatives_logs_false_alarms_and_selects_on_both(run_with_
     assert [r["step"] for r in records] == [8, 16]  # 16 polyp frames + 16 polyp-free items, batch 4
     for record in records:
         assert 0.0 <= record["eval_negatives_false_alarm_rate"] <= record["eval_negatives_any_pixel_rate"] <= 1.0
+        # Each source's own rate (the targets hold per source); all frames together lie between them.
+        by_source = [record["eval_negatives_dataset_false_alarm_rate"], record["eval_negatives_crops_false_alarm_rate"]]
+        assert min(by_source) <= record["eval_negatives_false_alarm_rate"] <= max(by_source)
         expected = 0.5 * record["eval_mean_dice"] + 0.5 * (1.0 - record["eval_negatives_false_alarm_rate"])
         assert record["selection_score"] == pytest.approx(expected)
     run = json.loads((run_with_negatives / "invocations.jsonl").read_text().splitlines()[0])
