@@ -32,6 +32,7 @@ from polyp_segmentation.data import (
     DataError,
     PolypSegmentationDataset,
     decode_samples,
+    largest_polyp_free_crops,
     load_negative_splits,
     load_splits,
     polyp_free_crops,
@@ -132,7 +133,9 @@ def score_negatives(
     images: list[torch.Tensor], masks: list[torch.Tensor],
 ) -> dict[str, tuple[str, list[str], torch.Tensor, torch.Tensor]]:
     """Description, frame names, counts and polyp scores of the polyp-free frames of `--negative_dataset_name` (key
-    `negatives`) and of polyp-free crops of the evaluated frames (`own_crops`)."""
+    `negatives`) and of two kinds of polyp-free crops of the evaluated frames: random squares that may hold the border
+    (`own_crops`, as training validates on) and each frame's largest square away from the polyp and the border
+    (`largest_crops`)."""
     samples = load_negative_splits(args.negative_dataset_name)[args.negative_split]
     negative_names, negative_images, _, problems = decode_samples(samples, args.resolution)
     if problems:
@@ -140,9 +143,13 @@ def score_negatives(
         raise DataError(f"{len(problems)} unusable frame(s) in {args.negative_dataset_name}:\n  {listing}")
     sources = {"negatives": (f"{args.negative_split} split of {args.negative_dataset_name}", negative_names,
                              negative_images),
-               "own_crops": (f"polyp-free crops of the {args.split} frames", *polyp_free_crops(names, images, masks))}
+               "own_crops": (f"polyp-free crops of the {args.split} frames", *polyp_free_crops(names, images, masks)),
+               "largest_crops": (f"largest polyp-free squares of the {args.split} frames away from the border",
+                                 *largest_polyp_free_crops(names, images, masks))}
     scored = {}
     for key, (source, frame_names, frames) in sources.items():
+        if not frames:
+            continue
         empty = [torch.zeros(frame.shape[-2:], dtype=torch.bool) for frame in frames]
         dataset = PolypSegmentationDataset(frame_names, frames, empty, *normalization)
         counts, _, scores = score_dataset(model, segmenter, dataset, args, threshold, source)

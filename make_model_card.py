@@ -176,15 +176,17 @@ def render_status(test: dict, validation: dict, stage: dict) -> str:
 
 # How the card names the polyp-free frames of each `negatives` entry of evaluate_model.py's JSON.
 POLYP_FREE_SOURCES = {"negatives": "polyp-free validation frames of another collection",
-                      "own_crops": "polyp-free crops of Kvasir-SEG validation frames"}
+                      "own_crops": "random polyp-free squares of Kvasir-SEG validation frames (border included)",
+                      "largest_crops": "largest polyp-free squares of Kvasir-SEG validation frames, away from the border"}
 
 
 def render_limitations(validation: dict) -> str:
     negatives = validation.get("negatives")
     if not negatives:
         return "- Not measured on frames without a polyp."
-    shares = " and ".join(f"{entry['false_alarm_rate']:.0%} of {entry['num_images']} {POLYP_FREE_SOURCES[key]}"
-                          for key, entry in negatives.items())
+    shares = [f"{entry['false_alarm_rate']:.0%} of {entry['num_images']} {POLYP_FREE_SOURCES[key]}"
+              for key, entry in negatives.items()]
+    shares = ", ".join(shares[:-1]) + " and " * (len(shares) > 1) + shares[-1]
     return (f"- On frames without a polyp, the raw logits (threshold {validation['threshold']}) mark more than 1 % of "
             f"the frame on {shares} (Evaluation below).")
 

@@ -334,6 +334,34 @@ def polyp_free_box(mask: torch.Tensor, generator: torch.Generator, side_range: t
     return None
 
 
+def largest_polyp_free_box(image: torch.Tensor, mask: torch.Tensor, margin: float = 0.04, dark_level: int = 30,
+                           smallest_side: float = 0.25) -> tuple[int, int, int] | None:
+    """The largest square `(top, left, side)` of a `(3, H, W)` uint8 frame that keeps `margin` of its shorter side
+    away from the polyp of its `(H, W)` mask and from every dark pixel (below `dark_level` in all channels: the black
+    border and the on-screen text's box, and a dark lumen too); the first in row-major order among equals. `None`
+    when no such square has `smallest_side` of the shorter side. Stricter than `polyp_free_box`: no border, and as
+    much mucosa as the frame has."""
+    height, width = mask.shape
+    shorter = min(height, width)
+    pad = max(1, round(margin * shorter))
+    dark = image.max(dim=0).values < dark_level
+    keep_out = F.max_pool2d((mask | dark)[None, None].float(), 2 * pad + 1, stride=1, padding=pad)[0, 0] > 0
+    table = F.pad(keep_out.long().cumsum(0).cumsum(1), (1, 0, 1, 0))
+
+    def clear_squares(side: int) -> torch.Tensor:
+        """`(H - side + 1, W - side + 1)`: whether the square of `side` at each top-left corner is clear."""
+        return (table[side:, side:] - table[:-side, side:] - table[side:, :-side] + table[:-side, :-side]) == 0
+
+    low, high = max(1, round(smallest_side * shorter)), shorter
+    if not clear_squares(low).any():
+        return None
+    while low < high:  # a clear square of some side holds clear squares of every smaller side
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if clear_squares(middle).any() else (low, middle - 1)
+    top, left = (int(i) for i in clear_squares(low).nonzero()[0])
+    return top, left, low
+
+
 def polyp_closeup_box(mask: torch.Tensor, generator: torch.Generator,
                       largest_side: float = 0.6) -> tuple[int, int, int] | None:
     """A square `(top, left, side)` around the whole polyp of an `(H, W)` mask, at most `largest_side` of the frame's
@@ -378,6 +406,19 @@ def polyp_free_crops(names: list[str], images: list[torch.Tensor], masks: list[t
         box = polyp_free_box(mask, torch.Generator().manual_seed(hash((seed, index)) % 2**63))
         if box is not None:
             crop_names.append(f"{name} crop")
+            crops.append(crop_resized(image, mask, box)[0])
+    return crop_names, crops
+
+
+def largest_polyp_free_crops(names: list[str], images: list[torch.Tensor],
+                             masks: list[torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    """The `largest_polyp_free_box` crop of each frame that has room for one: fixed negatives for evaluation.
+    Returns the crops and their names (`"<frame> largest crop"`)."""
+    crop_names, crops = [], []
+    for name, image, mask in zip(names, images, masks):
+        box = largest_polyp_free_box(image, mask)
+        if box is not None:
+            crop_names.append(f"{name} largest crop")
             crops.append(crop_resized(image, mask, box)[0])
     return crop_names, crops
 

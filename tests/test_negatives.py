@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from polyp_segmentation.data import (
     PolypMixtureDataset,
     crop_resized,
+    largest_polyp_free_box,
     load_negative_splits,
     polyp_closeup_box,
     polyp_free_box,
@@ -56,6 +57,33 @@ def test_polyp_free_crops_never_hold_a_mask_pixel(mask, seed):
     image = torch.randint(0, 256, (3, *mask.shape), dtype=torch.uint8)
     cropped_image, cropped_mask = crop_resized(image, mask, box)
     assert cropped_image.shape == image.shape and not cropped_mask.any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(mask=masks, border=st.integers(0, 20), text_box=st.booleans())
+def test_largest_polyp_free_crop_keeps_away_from_polyp_and_border_and_is_the_largest(mask, border, text_box):
+    height, width = mask.shape
+    image = torch.full((3, height, width), 120, dtype=torch.uint8)
+    image[:, :border], image[:, :, :border] = 0, 0  # a black border on two sides
+    if text_box:  # the on-screen text's black box, white text inside
+        image[:, height // 2:, :width // 3] = 0
+        image[:, height // 2 + 4:height // 2 + 6, 2:width // 3 - 2] = 255
+    pad = max(1, round(0.04 * min(height, width)))
+    keep_out = torch.nn.functional.max_pool2d((mask | (image.max(0).values < 30))[None, None].float(), 2 * pad + 1,
+                                              stride=1, padding=pad)[0, 0] > 0
+
+    def clear(top: int, left: int, side: int) -> bool:
+        return not keep_out[top:top + side, left:left + side].any()
+
+    box = largest_polyp_free_box(image, mask)
+    smallest = max(1, round(0.25 * min(height, width)))
+    if box is None:
+        assert not any(clear(t, l, smallest) for t in range(height - smallest + 1) for l in range(width - smallest + 1))
+        return
+    top, left, side = box
+    assert side >= smallest and top + side <= height and left + side <= width and clear(top, left, side)
+    if side < min(height, width):
+        assert not any(clear(t, l, side + 1) for t in range(height - side) for l in range(width - side))
 
 
 @settings(max_examples=60, deadline=None)
@@ -210,6 +238,7 @@ def test_evaluate_reports_the_false_alarm_rate_on_polyp_free_frames(bias, flags,
         for frame in entry["per_image"]:
             assert frame["marked_fraction"] == (1.0 if judged_free else rate) and frame["polyp_present"] == bool(rate)
     assert all(frame["name"].endswith(" crop") for frame in negatives["own_crops"]["per_image"])
+    assert all(frame["name"].endswith(" largest crop") for frame in negatives["largest_crops"]["per_image"])
     assert result["frame_sensitivity"] == rate
     if judged_free:  # no mask is left on the polyp frames either
         assert result["metrics"]["mean_recall"] == 0.0
