@@ -338,9 +338,9 @@ def largest_polyp_free_box(image: torch.Tensor, mask: torch.Tensor, margin: floa
                            smallest_side: float = 0.25) -> tuple[int, int, int] | None:
     """The largest square `(top, left, side)` of a `(3, H, W)` uint8 frame that keeps `margin` of its shorter side
     away from the polyp of its `(H, W)` mask and from every dark pixel (below `dark_level` in all channels: the black
-    border and the on-screen text's box, and a dark lumen too); the first in row-major order among equals. `None`
-    when no such square has `smallest_side` of the shorter side. Stricter than `polyp_free_box`: no border, and as
-    much mucosa as the frame has."""
+    border and the on-screen text's box, and a dark lumen too; text printed over the mucosa is not caught); the first
+    in row-major order among equals. `None` when no such square has `smallest_side` of the shorter side. Stricter
+    than `polyp_free_box`: no border, and as much mucosa as the frame has."""
     height, width = mask.shape
     shorter = min(height, width)
     pad = max(1, round(margin * shorter))
