@@ -143,7 +143,8 @@ def score_negatives(
         raise DataError(f"{len(problems)} unusable frame(s) in {args.negative_dataset_name}:\n  {listing}")
     sources = {"negatives": (f"{args.negative_split} split of {args.negative_dataset_name}", negative_names,
                              negative_images),
-               "own_crops": (f"polyp-free crops of the {args.split} frames", *polyp_free_crops(names, images, masks)),
+               "own_crops": (f"random polyp-free squares of the {args.split} frames (border included)",
+                             *polyp_free_crops(names, images, masks)),
                "largest_crops": (f"largest polyp-free squares of the {args.split} frames away from the border",
                                  *largest_polyp_free_crops(names, images, masks))}
     scored = {}

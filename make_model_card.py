@@ -186,9 +186,9 @@ def render_limitations(validation: dict) -> str:
         return "- Not measured on frames without a polyp."
     shares = [f"{entry['false_alarm_rate']:.0%} of {entry['num_images']} {POLYP_FREE_SOURCES[key]}"
               for key, entry in negatives.items()]
-    shares = ", ".join(shares[:-1]) + " and " * (len(shares) > 1) + shares[-1]
+    listed = ", ".join(shares[:-1]) + " and " * (len(shares) > 1) + shares[-1]
     return (f"- On frames without a polyp, the raw logits (threshold {validation['threshold']}) mark more than 1 % of "
-            f"the frame on {shares} (Evaluation below).")
+            f"the frame on {listed} (Evaluation below).")
 
 
 def render_results(test: dict, test_tta: dict | None, validation: dict, has_figure: bool,
