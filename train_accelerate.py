@@ -48,6 +48,7 @@ from polyp_segmentation.data import (
     PolypMixtureDataset,
     PolypSegmentationDataset,
     decode_samples,
+    largest_polyp_free_crops,
     load_negative_splits,
     load_splits,
     polyp_free_crops,
@@ -72,7 +73,7 @@ logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent
 # The polyp-free validation sets: --negative_dataset_name's validation split, and crops of the validation frames.
-NEGATIVE_EVAL_SETS = ("eval_negatives_dataset", "eval_negatives_crops")
+NEGATIVE_EVAL_SETS = ("eval_negatives_dataset", "eval_negatives_crops", "eval_negatives_largest_crops")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="Of the polyp-free items, the share that are crops of the training frames away from their "
                            "polyp (black border and on-screen text included), so that the frames' layout cannot be "
                            "the cue (1.0 without --negative_dataset_name).")
+    data.add_argument("--near_polyp_share", type=float, default=0.0,
+                      help="Of the crops of the training frames, the share that are the square just past the "
+                           "polyp's margin (no border) rather than a random one: where a model marks most.")
     data.add_argument("--closeup_probability", type=float, default=0.0,
                       help="Probability that a polyp frame is replaced by a close-up crop around its polyp, so that "
                            "a close-up view is not taken for a polyp-free one.")
@@ -251,9 +255,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.negative_ratio = 0.5 if args.negative_dataset_name else 0.0
     if not 0 <= args.negative_ratio < 1:
         parser.error(f"--negative_ratio must lie in [0, 1), got {args.negative_ratio}.")
-    if not 0 <= args.own_negative_share <= 1 or not 0 <= args.closeup_probability <= 1:
-        parser.error(f"--own_negative_share and --closeup_probability are probabilities, got "
-                     f"{args.own_negative_share} and {args.closeup_probability}.")
+    for flag in ("own_negative_share", "near_polyp_share", "closeup_probability"):
+        if not 0 <= getattr(args, flag) <= 1:
+            parser.error(f"--{flag} is a probability, got {getattr(args, flag)}.")
     if not args.negative_dataset_name:
         args.own_negative_share = 1.0
     if args.model_ema_decay is not None and not 0 < args.model_ema_decay < 1:
@@ -394,17 +398,21 @@ def build_datasets(args: argparse.Namespace, processor, augment_on_device: bool 
         if not args.negative_ratio and not args.closeup_probability:
             return PolypSegmentationDataset(*decoded["train"], **settings)
         return PolypMixtureDataset(*decoded["train"], negatives["train"], args.negative_ratio,
-                                   args.own_negative_share, args.closeup_probability, **settings)
+                                   args.own_negative_share, args.closeup_probability, args.near_polyp_share,
+                                   **settings)
 
     train = training_dataset(args.train_crop_size)
     # Same samples and seed, so the full-frame epochs draw their flips, rotations and colours as the cropped ones do.
     train_full_frame = training_dataset(None) if args.final_full_frame_epochs else None
     validation = PolypSegmentationDataset(*decoded["validation"], mean, std)
-    # Polyp-free validation frames, scored per source (NEGATIVE_EVAL_SETS): the negatives' validation split and fixed
-    # polyp-free crops of the validation frames.
-    crops = polyp_free_crops(*decoded["validation"])[1] if args.negative_ratio or args.negative_dataset_name else []
-    validation_negatives = {name: polyp_free_dataset(frames, mean, std)
-                            for name, frames in zip(NEGATIVE_EVAL_SETS, (negatives["validation"], crops))}
+    # Polyp-free validation frames, scored per source (NEGATIVE_EVAL_SETS): the negatives' validation split, and fixed
+    # polyp-free crops of the validation frames, random ones and each frame's largest.
+    crops, largest_crops = [], []
+    if args.negative_ratio or args.negative_dataset_name:
+        crops, largest_crops = polyp_free_crops(*decoded["validation"])[1], largest_polyp_free_crops(
+            *decoded["validation"])[1]
+    validation_negatives = {name: polyp_free_dataset(frames, mean, std) for name, frames in
+                            zip(NEGATIVE_EVAL_SETS, (negatives["validation"], crops, largest_crops))}
     train_eval = None
     if args.train_eval_samples:
         names, images, masks = decoded["train"]
@@ -517,6 +525,7 @@ def describe_run(args: argparse.Namespace, accelerator: Accelerator, config, dat
         "init_encoder_from": args.init_encoder_from,
         "start_epoch": args.start_epoch, "negative_dataset_name": args.negative_dataset_name,
         "negative_ratio": args.negative_ratio, "own_negative_share": args.own_negative_share,
+        "near_polyp_share": args.near_polyp_share,
         "closeup_probability": args.closeup_probability,
         "num_eval_negatives": sum(len(datasets[name]) for name in NEGATIVE_EVAL_SETS if datasets[name] is not None),
         "num_train_samples": len(datasets["train"]), "num_eval_samples": len(datasets["eval"]),

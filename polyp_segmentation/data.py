@@ -334,16 +334,11 @@ def polyp_free_box(mask: torch.Tensor, generator: torch.Generator, side_range: t
     return None
 
 
-def largest_polyp_free_box(image: torch.Tensor, mask: torch.Tensor, margin: float = 0.04, dark_level: int = 30,
-                           smallest_side: float = 0.25) -> tuple[int, int, int] | None:
-    """The largest square `(top, left, side)` of a `(3, H, W)` uint8 frame that keeps `margin` of its shorter side
-    away from the polyp of its `(H, W)` mask and from every dark pixel (below `dark_level` in all channels: the black
-    border and the on-screen text's box, and a dark lumen too; text printed over the mucosa is not caught); the first
-    in row-major order among equals. `None` when no such square has `smallest_side` of the shorter side. Stricter
-    than `polyp_free_box`: no border, and as much mucosa as the frame has."""
-    height, width = mask.shape
-    shorter = min(height, width)
-    pad = max(1, round(margin * shorter))
+def _clear_squares(image: torch.Tensor, mask: torch.Tensor, margin: float, dark_level: int):
+    """For a `(3, H, W)` uint8 frame and its `(H, W)` mask: a function of `side` giving, for each top-left corner,
+    whether the square there keeps `margin` of the shorter side away from the polyp and from every dark pixel (below
+    `dark_level` in all channels)."""
+    pad = max(1, round(margin * min(mask.shape)))
     dark = image.max(dim=0).values < dark_level
     keep_out = F.max_pool2d((mask | dark)[None, None].float(), 2 * pad + 1, stride=1, padding=pad)[0, 0] > 0
     table = F.pad(keep_out.long().cumsum(0).cumsum(1), (1, 0, 1, 0))
@@ -352,14 +347,54 @@ def largest_polyp_free_box(image: torch.Tensor, mask: torch.Tensor, margin: floa
         """`(H - side + 1, W - side + 1)`: whether the square of `side` at each top-left corner is clear."""
         return (table[side:, side:] - table[:-side, side:] - table[side:, :-side] + table[:-side, :-side]) == 0
 
-    low, high = max(1, round(smallest_side * shorter)), shorter
+    return clear_squares
+
+
+def _largest_clear_side(clear_squares, low: int, high: int) -> int | None:
+    """The largest side in `[low, high]` with a clear square, or `None`."""
     if not clear_squares(low).any():
         return None
     while low < high:  # a clear square of some side holds clear squares of every smaller side
         middle = (low + high + 1) // 2
         low, high = (middle, high) if clear_squares(middle).any() else (low, middle - 1)
-    top, left = (int(i) for i in clear_squares(low).nonzero()[0])
-    return top, left, low
+    return low
+
+
+def largest_polyp_free_box(image: torch.Tensor, mask: torch.Tensor, margin: float = 0.04, dark_level: int = 30,
+                           smallest_side: float = 0.25) -> tuple[int, int, int] | None:
+    """The largest square `(top, left, side)` of a `(3, H, W)` uint8 frame that keeps `margin` of its shorter side
+    away from the polyp of its `(H, W)` mask and from every dark pixel (below `dark_level` in all channels: the black
+    border and the on-screen text's box, and a dark lumen too; text printed over the mucosa is not caught); the first
+    in row-major order among equals. `None` when no such square has `smallest_side` of the shorter side. Stricter
+    than `polyp_free_box`: no border, and as much mucosa as the frame has."""
+    shorter = min(mask.shape)
+    clear_squares = _clear_squares(image, mask, margin, dark_level)
+    side = _largest_clear_side(clear_squares, max(1, round(smallest_side * shorter)), shorter)
+    if side is None:
+        return None
+    top, left = (int(i) for i in clear_squares(side).nonzero()[0])
+    return top, left, side
+
+
+def near_polyp_free_box(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, margin: float = 0.04,
+                        dark_level: int = 30, smallest_side: float = 0.25) -> tuple[int, int, int] | None:
+    """A square `(top, left, side)` as `largest_polyp_free_box` keeps clear, of a random side up to the largest, the
+    one of that side whose centre lies nearest the polyp's centre: the mucosa just past the polyp's margin, where a
+    model trained on whole polyps marks most. `None` for an empty mask or where no clear square has `smallest_side`
+    of the shorter side."""
+    if not mask.any():
+        return None
+    shorter = min(mask.shape)
+    clear_squares = _clear_squares(image, mask, margin, dark_level)
+    low = max(1, round(smallest_side * shorter))
+    largest = _largest_clear_side(clear_squares, low, shorter)
+    if largest is None:
+        return None
+    side = _uniform_int(low, largest, generator)
+    corners = clear_squares(side).nonzero().float()
+    centre = mask.nonzero().float().mean(dim=0) - (side - 1) / 2  # the corner whose square is centred on the polyp
+    top, left = (int(i) for i in corners[(corners - centre).square().sum(dim=1).argmin()])
+    return top, left, side
 
 
 def polyp_closeup_box(mask: torch.Tensor, generator: torch.Generator,
@@ -397,30 +432,32 @@ def crop_resized(image: torch.Tensor, mask: torch.Tensor,
     return image, mask
 
 
+def _fixed_crops(names: list[str], images: list[torch.Tensor], masks: list[torch.Tensor], box_of,
+                 suffix: str) -> tuple[list[str], list[torch.Tensor]]:
+    """The crop `box_of(index, image, mask)` of each frame that has one (not `None`), named `"<frame> <suffix>"`."""
+    crop_names, crops = [], []
+    for index, (name, image, mask) in enumerate(zip(names, images, masks)):
+        box = box_of(index, image, mask)
+        if box is not None:
+            crop_names.append(f"{name} {suffix}")
+            crops.append(crop_resized(image, mask, box)[0])
+    return crop_names, crops
+
+
 def polyp_free_crops(names: list[str], images: list[torch.Tensor], masks: list[torch.Tensor],
                      seed: int = SPLIT_SEED) -> tuple[list[str], list[torch.Tensor]]:
     """One polyp-free crop (see `polyp_free_box`) of each frame that has room for one, drawn from `seed` and the
-    frame's position: fixed negatives for validation. Returns the crops and their names (`"<frame> crop"`)."""
-    crop_names, crops = [], []
-    for index, (name, image, mask) in enumerate(zip(names, images, masks)):
-        box = polyp_free_box(mask, torch.Generator().manual_seed(hash((seed, index)) % 2**63))
-        if box is not None:
-            crop_names.append(f"{name} crop")
-            crops.append(crop_resized(image, mask, box)[0])
-    return crop_names, crops
+    frame's position: fixed negatives for validation. Returns the crops' names (`"<frame> crop"`) and the crops."""
+    return _fixed_crops(names, images, masks, lambda index, image, mask: polyp_free_box(
+        mask, torch.Generator().manual_seed(hash((seed, index)) % 2**63)), "crop")
 
 
 def largest_polyp_free_crops(names: list[str], images: list[torch.Tensor],
                              masks: list[torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
     """The `largest_polyp_free_box` crop of each frame that has room for one: fixed negatives for evaluation.
-    Returns the crops and their names (`"<frame> largest crop"`)."""
-    crop_names, crops = [], []
-    for name, image, mask in zip(names, images, masks):
-        box = largest_polyp_free_box(image, mask)
-        if box is not None:
-            crop_names.append(f"{name} largest crop")
-            crops.append(crop_resized(image, mask, box)[0])
-    return crop_names, crops
+    Returns the crops' names (`"<frame> largest crop"`) and the crops."""
+    return _fixed_crops(names, images, masks, lambda index, image, mask: largest_polyp_free_box(image, mask),
+                        "largest crop")
 
 
 class PolypSegmentationDataset(torch.utils.data.Dataset):
@@ -494,7 +531,8 @@ class PolypSegmentationDataset(torch.utils.data.Dataset):
 class PolypMixtureDataset(PolypSegmentationDataset):
     """Training data with polyp-free items mixed in. Items `0 .. len(images) - 1` are the polyp frames; the
     `num_negatives` after them are polyp-free, each drawn anew every epoch from (seed, epoch, index): with
-    probability `own_crop_probability` a polyp-free crop of a random polyp frame (`polyp_free_box`), else a random
+    probability `own_crop_probability` a polyp-free crop of a random polyp frame (`polyp_free_box`; with
+    `near_polyp_probability`, the square just past its polyp's margin instead, `near_polyp_free_box`), else a random
     frame of `negative_images`. With `closeup_probability`, a polyp item is a close-up around its polyp
     (`polyp_closeup_box`) instead of the whole frame. Then every item is augmented as in `PolypSegmentationDataset`,
     so a shuffled epoch holds `negative_ratio` polyp-free items, and a resumed run draws exactly what the interrupted
@@ -502,7 +540,7 @@ class PolypMixtureDataset(PolypSegmentationDataset):
 
     def __init__(self, names: list[str], images: list[torch.Tensor], masks: list[torch.Tensor],
                  negative_images: list[torch.Tensor], negative_ratio: float, own_crop_probability: float = 0.5,
-                 closeup_probability: float = 0.0, **kwargs):
+                 closeup_probability: float = 0.0, near_polyp_probability: float = 0.0, **kwargs):
         super().__init__(names, images, masks, **kwargs)
         if not 0.0 <= negative_ratio < 1.0:
             raise ValueError(f"negative_ratio must lie in [0, 1), got {negative_ratio}.")
@@ -512,6 +550,7 @@ class PolypMixtureDataset(PolypSegmentationDataset):
         self.num_negatives = round(len(images) * negative_ratio / (1.0 - negative_ratio))
         self.own_crop_probability = own_crop_probability
         self.closeup_probability = closeup_probability
+        self.near_polyp_probability = near_polyp_probability
 
     def __len__(self) -> int:
         return len(self.images) + self.num_negatives
@@ -529,11 +568,14 @@ class PolypMixtureDataset(PolypSegmentationDataset):
             return image, mask
         if not self.negative_images or float(torch.rand((), generator=generator)) < self.own_crop_probability:
             # Frames with no room away from their polyp are passed over for the next one.
+            # Drawn only when asked for, so that runs without near-polyp crops keep their draws.
+            near = self.near_polyp_probability > 0 and float(torch.rand((), generator=generator)) < (
+                self.near_polyp_probability)
             start = _uniform_int(0, len(self.images) - 1, generator)
             for offset in range(len(self.images)):
                 other = (start + offset) % len(self.images)
                 image, mask = self.images[other], self.masks[other]
-                box = polyp_free_box(mask, generator)
+                box = near_polyp_free_box(image, mask, generator) if near else polyp_free_box(mask, generator)
                 if box is not None:
                     return crop_resized(image, mask, box)
             raise DataError("No polyp frame has room for a polyp-free crop.")

@@ -78,8 +78,8 @@ def validate(model, dataloader, accelerator: Accelerator, threshold: float, chan
 def validate_polyp_free(model, dataloaders: dict[str, object], accelerator: Accelerator, threshold: float,
                         channels_last: bool = False) -> dict[str, float]:
     """`false_alarm_summary` and the loss over the polyp-free frames of all `dataloaders` (name -> loader) together,
-    and each loader's own false-alarm rate as `{name}_false_alarm_rate`: sources differ (another centre's frames,
-    crops of the polyp frames), and a target holds for each."""
+    each loader's own false-alarm rate as `{name}_false_alarm_rate`, and their mean, `source_mean_false_alarm_rate`:
+    sources differ (another centre's frames, crops of the polyp frames), and a target holds for each."""
     counts, loss_sum, frames, by_source = [], 0.0, 0.0, {}
     for name, dataloader in dataloaders.items():
         source_counts, source_loss, source_frames = predict_counts(model, dataloader, accelerator, threshold,
@@ -87,15 +87,17 @@ def validate_polyp_free(model, dataloaders: dict[str, object], accelerator: Acce
         by_source[f"{name}_false_alarm_rate"] = false_alarm_summary(source_counts)["false_alarm_rate"]
         counts.append(source_counts)
         loss_sum, frames = loss_sum + source_loss, frames + source_frames
-    return {**false_alarm_summary(torch.cat(counts)), "loss": (loss_sum / frames).item(), **by_source}
+    return {**false_alarm_summary(torch.cat(counts)), "loss": (loss_sum / frames).item(), **by_source,
+            "source_mean_false_alarm_rate": sum(by_source.values()) / len(by_source)}
 
 
 def selection_score(metrics: dict[str, float], negative_metrics: dict[str, float]) -> float:
     """What the best model is chosen by: the validation mDice; with polyp-free validation frames, the mean of the
-    mDice and the share of those frames left quiet (1 - false-alarm rate), so neither can be traded away unseen."""
+    mDice and the share of those frames left quiet (1 - the sources' mean false-alarm rate: each source counts alike,
+    however many frames it has), so neither can be traded away unseen."""
     if not negative_metrics:
         return metrics["mean_dice"]
-    return 0.5 * metrics["mean_dice"] + 0.5 * (1.0 - negative_metrics["false_alarm_rate"])
+    return 0.5 * metrics["mean_dice"] + 0.5 * (1.0 - negative_metrics["source_mean_false_alarm_rate"])
 
 
 def check_window_loss(loss_sum: torch.Tensor, count: int, last_logged_step: int, step: int, output_dir) -> float:

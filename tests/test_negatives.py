@@ -17,6 +17,7 @@ from polyp_segmentation.data import (
     crop_resized,
     largest_polyp_free_box,
     load_negative_splits,
+    near_polyp_free_box,
     polyp_closeup_box,
     polyp_free_box,
     polyp_free_crops,
@@ -86,6 +87,31 @@ def test_largest_polyp_free_crop_keeps_away_from_polyp_and_border_and_is_the_lar
         assert not any(clear(t, l, side + 1) for t in range(height - side) for l in range(width - side))
 
 
+@settings(max_examples=40, deadline=None)
+@given(mask=masks, seed=st.integers(0, 2**31))
+def test_near_polyp_crop_keeps_the_margin_and_lies_nearest_the_polyp(mask, seed):
+    image = torch.full((3, *mask.shape), 120, dtype=torch.uint8)
+    image[:, :6] = 0  # a black border along the top
+    box = near_polyp_free_box(image, mask, torch.Generator().manual_seed(seed))
+    largest = largest_polyp_free_box(image, mask)
+    if not mask.any() or largest is None:
+        assert box is None
+        return
+    top, left, side = box
+    pad = max(1, round(0.04 * min(mask.shape)))
+    keep_out = torch.nn.functional.max_pool2d((mask | (image.max(0).values < 30))[None, None].float(), 2 * pad + 1,
+                                              stride=1, padding=pad)[0, 0] > 0
+    assert round(0.25 * min(mask.shape)) <= side <= largest[2] and not keep_out[top:top + side, left:left + side].any()
+    centre = mask.nonzero().float().mean(dim=0)
+
+    def distance(t: int, l: int) -> float:
+        return float(((torch.tensor([t, l]) + (side - 1) / 2 - centre) ** 2).sum())
+
+    height, width = mask.shape
+    assert all(distance(top, left) <= distance(t, l) + 1e-3 for t in range(height - side + 1)
+               for l in range(width - side + 1) if not keep_out[t:t + side, l:l + side].any())
+
+
 @settings(max_examples=60, deadline=None)
 @given(mask=masks, seed=st.integers(0, 2**31))
 def test_closeup_crops_hold_the_whole_polyp(mask, seed):
@@ -132,9 +158,11 @@ def test_mixture_holds_the_ratio_of_polyp_free_items_with_empty_masks():
     assert len(mixture(0.5)) == 24 and len(mixture(0.0)) == 12
 
 
-def test_mixture_draws_per_seed_epoch_and_index():
-    first, second = mixture(own_crop_probability=0.5, closeup_probability=0.5), mixture(
-        own_crop_probability=0.5, closeup_probability=0.5)
+@pytest.mark.parametrize("near_polyp_probability", [0.0, 0.5])
+def test_mixture_draws_per_seed_epoch_and_index(near_polyp_probability):
+    probabilities = {"own_crop_probability": 0.5, "closeup_probability": 0.5,
+                     "near_polyp_probability": near_polyp_probability}
+    first, second = mixture(**probabilities), mixture(**probabilities)
     first.set_epoch(3)
     second.set_epoch(3)
     for index in (0, 5, 12, 15):  # in any order, any number of times
@@ -181,7 +209,7 @@ def run_with_negatives(small_nopolyp_dir, kvasir_root, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("with_negatives")
     run_training(output_dir, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "2",
                  "--negative_dataset_name", str(small_nopolyp_dir), "--negative_ratio", "0.5",
-                 "--closeup_probability", "0.3")
+                 "--closeup_probability", "0.3", "--near_polyp_share", "0.5")
     return output_dir
 
 
@@ -191,12 +219,15 @@ def test_training_with_negatives_logs_false_alarms_and_selects_on_both(run_with_
     for record in records:
         assert 0.0 <= record["eval_negatives_false_alarm_rate"] <= record["eval_negatives_any_pixel_rate"] <= 1.0
         # Each source's own rate (the targets hold per source); all frames together lie between them.
-        by_source = [record["eval_negatives_dataset_false_alarm_rate"], record["eval_negatives_crops_false_alarm_rate"]]
+        by_source = [record[f"eval_negatives_{source}_false_alarm_rate"]
+                     for source in ("dataset", "crops", "largest_crops")]
         assert min(by_source) <= record["eval_negatives_false_alarm_rate"] <= max(by_source)
-        expected = 0.5 * record["eval_mean_dice"] + 0.5 * (1.0 - record["eval_negatives_false_alarm_rate"])
+        # Selection counts each source alike.
+        expected = 0.5 * record["eval_mean_dice"] + 0.5 * (1.0 - sum(by_source) / 3)
         assert record["selection_score"] == pytest.approx(expected)
     run = json.loads((run_with_negatives / "invocations.jsonl").read_text().splitlines()[0])
-    assert run["negative_ratio"] == 0.5 and run["num_eval_negatives"] >= 4 + 6  # the split and crops of 8 frames
+    assert run["negative_ratio"] == 0.5 and run["near_polyp_share"] == 0.5
+    assert run["num_eval_negatives"] >= 4 + 2 * 6  # the split, and both kinds of crops of 8 frames
 
 
 def test_training_with_negatives_resumes_mid_epoch_exactly(run_with_negatives, small_nopolyp_dir, kvasir_root,
@@ -205,7 +236,8 @@ def test_training_with_negatives_resumes_mid_epoch_exactly(run_with_negatives, s
     assert json.loads((mid_epoch / "training_state.json").read_text())["step_in_epoch"] == 6
     run_training(tmp_path, kvasir_root, "--num_train_epochs", "2", "--checkpointing_steps", "2",
                  "--negative_dataset_name", str(small_nopolyp_dir), "--negative_ratio", "0.5",
-                 "--closeup_probability", "0.3", "--resume_from_checkpoint", str(mid_epoch))
+                 "--closeup_probability", "0.3", "--near_polyp_share", "0.5",
+                 "--resume_from_checkpoint", str(mid_epoch))
     assert_same_weights(final_weights(tmp_path), final_weights(run_with_negatives))
 
 
