@@ -265,6 +265,16 @@ def render_cpu_speed(report: dict | None) -> str:
             + (f"; predict.py on a video, end to end (frames/s): {', '.join(rates)}" if rates else "") + ".")
 
 
+def polyp_free_items(config: dict) -> str:
+    """The share of polyp-free items, and what they were cut from where the run logged it."""
+    text = f"{config['negative_ratio']:.0%} polyp-free items"
+    if config.get("own_negative_share") is None:
+        return text
+    near = (f", {config['near_polyp_share']:.0%} of those just past the polyp" if config.get("near_polyp_share")
+            else "")
+    return f"{text} ({config['own_negative_share']:.0%} of them crops of the training frames{near})"
+
+
 def describe_recipe(config: dict) -> str:
     parts = [f"{config['resolution']}x{config['resolution']} frames"]
     if config.get("train_crop_size"):
@@ -272,7 +282,7 @@ def describe_recipe(config: dict) -> str:
     if config.get("train_scale_jitter"):
         parts.append("zoom {}-{}".format(*config["train_scale_jitter"]))
     if config.get("negative_ratio"):
-        parts.append(f"{config['negative_ratio']:.0%} polyp-free items")
+        parts.append(polyp_free_items(config))
     if config.get("final_full_frame_epochs"):
         parts.append(f"the last {config['final_full_frame_epochs']} epochs on whole frames")
     parts.append(f"AdamW at {config['learning_rate']} with cosine decay, batch {config['total_batch_size']}")
@@ -311,7 +321,7 @@ def lineage_row(stage: dict) -> str:
     if first.get("train_scale_jitter"):
         recipe.append("zoom {}-{}".format(*first["train_scale_jitter"]))
     if first.get("negative_ratio"):
-        recipe.append(f"{first['negative_ratio']:.0%} polyp-free items")
+        recipe.append(polyp_free_items(first))
     if first.get("model_ema_decay"):
         recipe.append(f"EMA {first['model_ema_decay']}")
     recipe.append(f"lr {first['learning_rate']}, batch {first['total_batch_size']}")

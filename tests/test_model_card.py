@@ -290,3 +290,13 @@ def test_fit_probe_table_is_the_committed_probe_results():
     assert len(rows) == len(results)
     for row, result in zip(rows, results):
         assert result["label"] in row and f"{result['fit_mean_dice']:.3f}" in row
+
+
+def test_recipe_says_what_the_polyp_free_items_were_cut_from_where_the_run_logged_it():
+    from make_model_card import polyp_free_items
+
+    assert polyp_free_items({"negative_ratio": 0.5}) == "50% polyp-free items"
+    assert polyp_free_items({"negative_ratio": 0.5, "own_negative_share": 0.5, "near_polyp_share": 0.0}) == (
+        "50% polyp-free items (50% of them crops of the training frames)")
+    assert polyp_free_items({"negative_ratio": 0.5, "own_negative_share": 0.8, "near_polyp_share": 1.0}) == (
+        "50% polyp-free items (80% of them crops of the training frames, 100% of those just past the polyp)")
