@@ -54,9 +54,9 @@ train-cpu: install
 # When the long run has ended: its best model (the epoch with the best `selection_score`: validation mDice and the
 # polyp-free frames left quiet) becomes the shipped model, stored in fp16 with tensors beyond fp16's range in fp32
 # (config.json's dtype float32 loads them as float32); the run's logs become training/$(RELEASE_STAGE), and the card's
-# figures are measured again and regenerated.
+# figures are measured again and regenerated. RELEASE_STAGE names the stage being released (stage 12 is shipped).
 RELEASE_FROM ?= $(TRAIN_OUTPUT_DIR)
-RELEASE_STAGE ?= stage11
+RELEASE_STAGE ?= stage13
 EVALUATE = $(BIN)/python evaluate_model.py --model . --dataset_name $(KVASIR_SEG_DIR)
 # The share of validation frames with a polyp that the presence threshold must still judge to hold one.
 PRESENCE_SENSITIVITY ?= 0.98
