@@ -72,7 +72,8 @@ from polyp_segmentation.training import (
 logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent
-# The polyp-free validation sets: --negative_dataset_name's validation split, and crops of the validation frames.
+# The polyp-free validation sets: --negative_dataset_name's validation split, and random and largest polyp-free
+# crops of the validation frames.
 NEGATIVE_EVAL_SETS = ("eval_negatives_dataset", "eval_negatives_crops", "eval_negatives_largest_crops")
 
 

@@ -3,6 +3,7 @@ in-memory datasets with paired image/mask augmentation."""
 
 import io
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,7 +335,8 @@ def polyp_free_box(mask: torch.Tensor, generator: torch.Generator, side_range: t
     return None
 
 
-def _clear_squares(image: torch.Tensor, mask: torch.Tensor, margin: float, dark_level: int):
+def _clear_squares(image: torch.Tensor, mask: torch.Tensor, margin: float,
+                   dark_level: int) -> Callable[[int], torch.Tensor]:
     """For a `(3, H, W)` uint8 frame and its `(H, W)` mask: a function of `side` giving, for each top-left corner,
     whether the square there keeps `margin` of the shorter side away from the polyp and from every dark pixel (below
     `dark_level` in all channels)."""
@@ -350,7 +352,7 @@ def _clear_squares(image: torch.Tensor, mask: torch.Tensor, margin: float, dark_
     return clear_squares
 
 
-def _largest_clear_side(clear_squares, low: int, high: int) -> int | None:
+def _largest_clear_side(clear_squares: Callable[[int], torch.Tensor], low: int, high: int) -> int | None:
     """The largest side in `[low, high]` with a clear square, or `None`."""
     if not clear_squares(low).any():
         return None
@@ -432,7 +434,8 @@ def crop_resized(image: torch.Tensor, mask: torch.Tensor,
     return image, mask
 
 
-def _fixed_crops(names: list[str], images: list[torch.Tensor], masks: list[torch.Tensor], box_of,
+def _fixed_crops(names: list[str], images: list[torch.Tensor], masks: list[torch.Tensor],
+                 box_of: Callable[[int, torch.Tensor, torch.Tensor], tuple[int, int, int] | None],
                  suffix: str) -> tuple[list[str], list[torch.Tensor]]:
     """The crop `box_of(index, image, mask)` of each frame that has one (not `None`), named `"<frame> <suffix>"`."""
     crop_names, crops = [], []
@@ -567,10 +570,10 @@ class PolypMixtureDataset(PolypSegmentationDataset):
                     image, mask = crop_resized(image, mask, box)
             return image, mask
         if not self.negative_images or float(torch.rand((), generator=generator)) < self.own_crop_probability:
-            # Frames with no room away from their polyp are passed over for the next one.
             # Drawn only when asked for, so that runs without near-polyp crops keep their draws.
             near = self.near_polyp_probability > 0 and float(torch.rand((), generator=generator)) < (
                 self.near_polyp_probability)
+            # Frames with no room away from their polyp are passed over for the next one.
             start = _uniform_int(0, len(self.images) - 1, generator)
             for offset in range(len(self.images)):
                 other = (start + offset) % len(self.images)
